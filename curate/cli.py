@@ -1,0 +1,141 @@
+"""The `curate` command line: thin wrappers over the library, one command per job."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+from curate import __version__
+
+DEFAULT_THRESHOLD = 2.5  # the paper's headline τ (token perplexity; p < 0.4 is masked)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="curate")
+def main() -> None:
+    """Curate fine-tuning data by per-token perplexity under the model you will fine-tune.
+
+    Typical flow: `curate score data.jsonl -o scored/`, then
+    `curate export scored/ -o train.parquet --mode stm`, then train with Axolotl.
+    """
+
+
+model_option = click.option(
+    "--model", default=None, metavar="DIR",
+    help="Hugging Face model directory (or hub id when online) [default: the bundled SmolLM2-135M-Instruct].")
+
+
+@main.command()
+@click.option("--prepare", is_flag=True, help="De-quantize the bundled model now, if it is not ready yet.")
+def models(prepare: bool) -> None:
+    """Where the bundled default model is, and whether it is ready."""
+    from curate.models import DEFAULT_MODEL_NAME, default_model_dir, prepare_default_model
+
+    path = prepare_default_model() if prepare else default_model_dir()
+    state = "ready" if (path / "config.json").exists() else "not prepared yet (run `curate models --prepare`)"
+    click.echo(f"{DEFAULT_MODEL_NAME}: {path} ({state})")
+
+
+@main.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path(exists=True, path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for the Parquet shards, manifest.json and rejects.jsonl.")
+@model_option
+@click.option("--backend", type=click.Choice(["auto", "vllm", "hf"]), default="auto", show_default=True,
+              help="auto: vllm where installed, else hf (transformers).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
+              help="auto: float32 on CPU, bfloat16 on GPU.")
+@click.option("--max-length", type=click.IntRange(min=2), default=4096, show_default=True,
+              help="Longest example in tokens; longer ones are rejected unless --truncate.")
+@click.option("--truncate", is_flag=True, help="Keep the first --max-length tokens of over-long examples (marked `truncated`).")
+@click.option("--prompt-field", default=None, help="Column holding the prompt (with --response-field), instead of shape detection.")
+@click.option("--response-field", default=None, help="Column holding the response.")
+@click.option("--reference-field", default="reference", show_default=True, help="Column holding the checkable reference answer.")
+@click.option("--shard-rows", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Input rows per Parquet shard (the unit of --resume).")
+@click.option("--resume", is_flag=True, help="Finish an interrupted run, keeping its completed shards.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run in the output directory.")
+@click.option("--quiet", is_flag=True, help="No progress bar or summary table.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def score(input_path, output, model, backend, dtype, max_length, truncate, prompt_field, response_field,
+          reference_field, shard_rows, resume, overwrite, quiet, as_json) -> None:
+    """Annotate every token of INPUT with its log-probability under the model.
+
+    INPUT: .jsonl, .json, .parquet, .csv, or a `datasets` save_to_disk directory, with
+    OpenAI `messages`, ShareGPT `conversations` or Alpaca `instruction`/`output` rows.
+    Unusable rows go to OUTPUT/rejects.jsonl with the reason.
+    """
+    from curate.data import Fields, count_rows
+    from curate.models import load_tokenizer, resolve_model
+    from curate.score import score_dataset
+    from curate.scoring.base import make_scorer
+    from curate.store import StoreError
+    from curate.tokenize import ChatTokenizer
+
+    if bool(prompt_field) != bool(response_field):
+        raise click.UsageError("--prompt-field and --response-field go together")
+    fields = Fields(prompt=prompt_field, response=response_field, reference=reference_field)
+    model_dir = resolve_model(model)
+    chat_tokenizer = ChatTokenizer(load_tokenizer(model_dir), max_length=max_length, truncate=truncate)
+    try:
+        with _errors_as_usage():
+            scorer = make_scorer(backend, model_dir, dtype=dtype, max_length=max_length)
+            with _progress(count_rows(input_path), quiet) as on_progress:
+                summary = score_dataset(input_path, output, scorer, chat_tokenizer, model_name=str(model or model_dir),
+                                        fields=fields, shard_rows=shard_rows, resume=resume, overwrite=overwrite,
+                                        on_progress=on_progress)
+    except StoreError as error:
+        raise click.ClickException(str(error)) from None
+    _report(summary, quiet, as_json, title="curate score")
+
+
+@contextmanager
+def _errors_as_usage():
+    """Input problems (unknown format, unreadable file) are the user's to fix: no traceback."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError, UnicodeDecodeError) as error:
+        raise click.ClickException(str(error)) from None
+
+
+@contextmanager
+def _progress(total_rows: int | None, quiet: bool):
+    """A tqdm bar over input rows, with tokens/s in its postfix."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_rows, unit="row", disable=quiet or None, file=sys.stderr, dynamic_ncols=True)
+    tokens = 0
+
+    def on_progress(rows: int, new_tokens: int) -> None:
+        nonlocal tokens
+        tokens += new_tokens
+        bar.update(rows)
+        elapsed = bar.format_dict["elapsed"] or 1e-9
+        bar.set_postfix_str(f"{tokens / elapsed:,.0f} tok/s")
+
+    try:
+        yield on_progress
+    finally:
+        bar.close()
+
+
+def _report(summary, quiet: bool, as_json: bool, title: str) -> None:
+    import json
+
+    data = asdict(summary)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    elif not quiet:
+        click.echo(f"\n{title}")
+        width = max(map(len, data))
+        for key, value in data.items():
+            shown = f"{value:,.3f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else value
+            click.echo(f"  {key:<{width}}  {shown}")
+
+
+if __name__ == "__main__":
+    main()

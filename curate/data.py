@@ -1,0 +1,281 @@
+"""Read datasets and normalise every row to one conversation shape.
+
+Readers stream: they yield `(row_number, record)` one row at a time, so memory stays flat
+however large the input. A row that cannot be used becomes a `RowError` with the field and
+a plain reason; the caller sends it to the rejects file. No row is ever dropped silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+ROLES = ("system", "user", "assistant")
+_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+@dataclass
+class Example:
+    """One usable row: OpenAI-style `messages` plus the checkable `reference`, if any."""
+
+    row: int
+    id: str
+    messages: list[dict[str, str]]
+    reference: str | None = None
+
+
+@dataclass
+class RowError(Exception):
+    """Why one input row cannot be used. `row` is 0-based; JSONL line = row + 1."""
+
+    row: int
+    reason: str
+    field: str | None = None
+    raw: str | None = None
+
+    def __str__(self) -> str:
+        where = f"row {self.row}" + (f", field {self.field!r}" if self.field else "")
+        return f"{where}: {self.reason}"
+
+    def to_record(self, source: str) -> dict:
+        return {"source": source, "row": self.row, "field": self.field, "reason": self.reason, "raw": self.raw}
+
+
+@dataclass(frozen=True)
+class Fields:
+    """Which columns hold what. `prompt`/`response` override shape detection."""
+
+    prompt: str | None = None
+    response: str | None = None
+    reference: str = "reference"
+    id: str = "id"
+
+
+# ---------------------------------------------------------------- readers
+
+
+def read_records(path: Path, start: int = 0) -> Iterator[tuple[int, dict | RowError]]:
+    """Yield (row, record) from row `start` on. Formats by extension or directory layout."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "manifest.json").exists() and any(path.glob("part-*.parquet")):
+            yield from _read_parquet_files(sorted(path.glob("part-*.parquet")), start)
+        else:
+            yield from _read_datasets_dir(path, start)
+        return
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        yield from _read_jsonl(path, start)
+    elif suffix == ".json":
+        yield from _read_json(path, start)
+    elif suffix == ".parquet":
+        yield from _read_parquet_files([path], start)
+    elif suffix in (".csv", ".tsv"):
+        yield from _read_csv(path, start, delimiter="\t" if suffix == ".tsv" else ",")
+    else:
+        raise ValueError(f"{path}: unknown input format {suffix!r} (use .jsonl, .json, .parquet, .csv or a `datasets` directory)")
+
+
+def _read_jsonl(path: Path, start: int) -> Iterator[tuple[int, dict | RowError]]:
+    with open(path, encoding="utf-8") as lines:
+        for row, line in enumerate(lines):
+            if row < start:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                yield row, RowError(row, f"line {row + 1} is not valid JSON: {error.msg}", raw=line.rstrip("\n"))
+                continue
+            if not isinstance(record, dict):
+                yield row, RowError(row, f"line {row + 1} is a JSON {type(record).__name__}, not an object", raw=line.rstrip("\n"))
+                continue
+            yield row, record
+
+
+def _read_json(path: Path, start: int) -> Iterator[tuple[int, dict | RowError]]:
+    """A JSON array of objects (read whole: JSON arrays cannot be streamed cheaply)."""
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError:
+        yield from _read_jsonl(path, start)  # many `.json` files are really JSON lines
+        return
+    if isinstance(records, dict):
+        records = next((v for v in records.values() if isinstance(v, list)), [records])
+    for row, record in enumerate(records):
+        if row < start:
+            continue
+        if isinstance(record, dict):
+            yield row, record
+        else:
+            yield row, RowError(row, f"item is a JSON {type(record).__name__}, not an object", raw=json.dumps(record))
+
+
+def _read_csv(path: Path, start: int, delimiter: str) -> Iterator[tuple[int, dict | RowError]]:
+    with open(path, encoding="utf-8", newline="") as handle:
+        for row, record in enumerate(csv.DictReader(handle, delimiter=delimiter)):
+            if row >= start:
+                if None in record:
+                    yield row, RowError(row, "more cells than header columns", raw=delimiter.join(map(str, record.pop(None))))
+                else:
+                    yield row, record
+
+
+def _read_parquet_files(files: list[Path], start: int) -> Iterator[tuple[int, dict | RowError]]:
+    import pyarrow.parquet as pq
+
+    row = 0
+    for file in files:
+        parquet = pq.ParquetFile(file)
+        if row + parquet.metadata.num_rows <= start:
+            row += parquet.metadata.num_rows
+            continue
+        for batch in parquet.iter_batches(batch_size=1024):
+            for record in batch.to_pylist():
+                if row >= start:
+                    yield row, record
+                row += 1
+
+
+def _read_datasets_dir(path: Path, start: int) -> Iterator[tuple[int, dict | RowError]]:
+    """A directory written by `datasets.Dataset.save_to_disk`: Arrow stream files listed in
+    state.json. Read with pyarrow directly, so `datasets` is not needed at run time."""
+    import pyarrow as pa
+
+    state_file = path / "state.json"
+    if not state_file.exists():
+        raise ValueError(f"{path}: a directory input must be a `datasets` save_to_disk directory (no state.json found)")
+    files = [path / entry["filename"] for entry in json.loads(state_file.read_text())["_data_files"]]
+    row = 0
+    for file in files:
+        with pa.memory_map(str(file)) as source:
+            for batch in pa.ipc.open_stream(source):
+                for record in batch.to_pylist():
+                    if row >= start:
+                        yield row, record
+                    row += 1
+
+
+def count_rows(path: Path) -> int | None:
+    """Row count for a progress bar, where it is cheap to know (None otherwise)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        with open(path, "rb") as handle:
+            return sum(1 for _ in handle)
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    if path.is_dir() and (path / "manifest.json").exists():
+        import pyarrow.parquet as pq
+
+        return sum(pq.ParquetFile(p).metadata.num_rows for p in path.glob("part-*.parquet"))
+    return None
+
+
+# ---------------------------------------------------------------- normalisation
+
+
+def normalise(row: int, record: dict, fields: Fields = Fields()) -> Example:
+    """Turn one raw record into an `Example`, or raise `RowError` saying what is wrong."""
+    if fields.prompt or fields.response:
+        messages = _from_prompt_response(row, record, fields)
+    elif "messages" in record:
+        messages = _from_messages(row, record["messages"], "messages")
+    elif "conversations" in record:
+        messages = _from_sharegpt(row, record["conversations"])
+    elif "instruction" in record and "output" in record:
+        messages = _from_alpaca(row, record)
+    else:
+        raise RowError(row, f"no known shape: expected `messages`, `conversations`, `instruction`+`output`, "
+                            f"or --prompt-field/--response-field (columns: {sorted(record)})")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise RowError(row, "no assistant turn to score", field="messages")
+    if messages[-1]["role"] != "assistant":
+        messages = messages[: max(i for i, m in enumerate(messages) if m["role"] == "assistant") + 1]
+    reference = record.get(fields.reference)
+    if reference is not None and not isinstance(reference, str):
+        reference = json.dumps(reference) if isinstance(reference, (list, dict)) else str(reference)
+    raw_id = record.get(fields.id)
+    return Example(row=row, id=str(row) if raw_id is None else str(raw_id), messages=messages, reference=reference)
+
+
+def _text(row: int, value, field_name: str) -> str:
+    if not isinstance(value, str):
+        raise RowError(row, f"expected a string, got {type(value).__name__}", field=field_name)
+    return value
+
+
+def _checked_message(row: int, role, content, field_name: str) -> dict[str, str]:
+    if role not in ROLES:
+        raise RowError(row, f"unknown role {role!r} (expected one of {', '.join(ROLES)})", field=field_name)
+    content = _text(row, content, field_name)
+    if role == "assistant" and not content.strip():
+        raise RowError(row, "empty assistant response", field=field_name)
+    return {"role": role, "content": content}
+
+
+def _from_messages(row: int, messages, field_name: str) -> list[dict[str, str]]:
+    if isinstance(messages, str):
+        try:
+            messages = json.loads(messages)  # CSV cells hold JSON text
+        except json.JSONDecodeError:
+            raise RowError(row, "not a list of messages (a string that is not JSON)", field=field_name) from None
+    if not isinstance(messages, list) or not messages:
+        raise RowError(row, "expected a non-empty list of {role, content} objects", field=field_name)
+    out = []
+    for index, message in enumerate(messages):
+        where = f"{field_name}[{index}]"
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise RowError(row, "expected an object with `role` and `content`", field=where)
+        out.append(_checked_message(row, message["role"], message["content"], where))
+    return out
+
+
+def _from_sharegpt(row: int, turns) -> list[dict[str, str]]:
+    if isinstance(turns, str):
+        try:
+            turns = json.loads(turns)
+        except json.JSONDecodeError:
+            raise RowError(row, "not a list of turns (a string that is not JSON)", field="conversations") from None
+    if not isinstance(turns, list) or not turns:
+        raise RowError(row, "expected a non-empty list of {from, value} objects", field="conversations")
+    out = []
+    for index, turn in enumerate(turns):
+        where = f"conversations[{index}]"
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise RowError(row, "expected an object with `from` and `value`", field=where)
+        role = _SHAREGPT_ROLES.get(turn["from"], turn["from"])
+        out.append(_checked_message(row, role, turn["value"], where))
+    return out
+
+
+def _from_alpaca(row: int, record: dict) -> list[dict[str, str]]:
+    instruction = _text(row, record["instruction"], "instruction")
+    extra = record.get("input") or ""
+    extra = _text(row, extra, "input")
+    prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    if not prompt.strip():
+        raise RowError(row, "empty instruction", field="instruction")
+    messages = [{"role": "user", "content": prompt}]
+    if isinstance(record.get("system"), str) and record["system"].strip():
+        messages.insert(0, {"role": "system", "content": record["system"]})
+    messages.append(_checked_message(row, "assistant", record["output"], "output"))
+    return messages
+
+
+def _from_prompt_response(row: int, record: dict, fields: Fields) -> list[dict[str, str]]:
+    if not (fields.prompt and fields.response):
+        raise ValueError("--prompt-field and --response-field go together")
+    for name in (fields.prompt, fields.response):
+        if name not in record:
+            raise RowError(row, "missing field", field=name)
+    prompt = _text(row, record[fields.prompt], fields.prompt)
+    if not prompt.strip():
+        raise RowError(row, "empty prompt", field=fields.prompt)
+    return [{"role": "user", "content": prompt}, _checked_message(row, "assistant", record[fields.response], fields.response)]

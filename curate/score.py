@@ -1,0 +1,158 @@
+"""`score_dataset`: stream a dataset through a scorer into a scored directory."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
+
+from curate.data import Example, Fields, RowError, normalise, read_records
+from curate.models import tokenizer_fingerprint
+from curate.scoring.base import Scorer
+from curate.store import SCORED_SCHEMA, ShardWriter, input_fingerprint
+from curate.tokenize import ChatTokenizer, TokenizedExample
+
+
+@dataclass
+class ScoreSummary:
+    rows_in: int
+    rows_scored: int
+    rows_rejected: int
+    rows_truncated: int
+    tokens: int
+    target_tokens: int
+    ppl_mean: float | None  # mean over examples of the response perplexity
+    ppl_median: float | None
+    token_ppl: float | None  # exp(mean NLL over all target tokens of the set)
+    seconds: float
+    backend: str
+    model: str
+    output: str
+
+
+def score_dataset(
+    input_path: Path,
+    output_dir: Path,
+    scorer: Scorer,
+    chat_tokenizer: ChatTokenizer,
+    model_name: str,
+    fields: Fields = Fields(),
+    shard_rows: int = 512,
+    resume: bool = False,
+    overwrite: bool = False,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> ScoreSummary:
+    """Score every row of `input_path` into `output_dir`; returns the run's summary.
+
+    on_progress(rows, tokens) is called after each shard, for progress bars.
+    """
+    started = time.perf_counter()
+    meta = {
+        "kind": "scored",
+        "input": input_fingerprint(input_path),
+        "model": model_name,
+        "tokenizer": tokenizer_fingerprint(chat_tokenizer.tokenizer),
+        "backend": scorer.backend,
+        "dtype": scorer.dtype,
+        "fields": asdict(fields),
+        "max_length": chat_tokenizer.max_length,
+        "truncate": chat_tokenizer.truncate,
+    }
+    writer = ShardWriter(output_dir, meta, resume=resume, overwrite=overwrite)
+    records = read_records(input_path, start=writer.next_row)
+    while chunk := list(itertools.islice(records, shard_rows)):
+        examples, tokenized, rejects = [], [], []
+        for row, record in chunk:
+            try:
+                if isinstance(record, RowError):
+                    raise record
+                example = normalise(row, record, fields)
+                tokenized.append(chat_tokenizer.encode(row, example.messages))
+                examples.append(example)
+            except RowError as error:
+                if error.raw is None:
+                    error.raw = json.dumps(record, ensure_ascii=False, default=str)
+                rejects.append(error.to_record(str(input_path)))
+        logprobs = scorer.score([t.input_ids for t in tokenized]) if tokenized else []
+        writer.write_shard(scored_table(examples, tokenized, logprobs), rejects, end_row=chunk[-1][0] + 1)
+        if on_progress:
+            on_progress(len(chunk), sum(len(t.input_ids) for t in tokenized))
+    summary = summarise_scored(output_dir, writer, time.perf_counter() - started, scorer.backend, model_name)
+    writer.finish(asdict(summary))
+    return summary
+
+
+def scored_table(examples: list[Example], tokenized: list[TokenizedExample], logprobs: list[np.ndarray]) -> pa.Table:
+    """One row per example, in SCORED_SCHEMA. List columns are built from flat buffers."""
+    lengths = np.array([len(t.input_ids) for t in tokenized], dtype=np.int64)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    flat_ids = np.concatenate([np.asarray(t.input_ids, dtype=np.int32) for t in tokenized]) if tokenized else np.empty(0, np.int32)
+    flat_target = np.concatenate([np.asarray(t.target, dtype=bool) for t in tokenized]) if tokenized else np.empty(0, bool)
+    flat_logprobs = np.concatenate(logprobs).astype(np.float32) if tokenized else np.empty(0, np.float32)
+
+    # Per-example mean NLL over target tokens (the first token has no log-probability).
+    scored_target = flat_target & np.isfinite(flat_logprobs)
+    example_of_token = np.repeat(np.arange(len(tokenized)), lengths)
+    n_scored = np.bincount(example_of_token, weights=scored_target, minlength=len(tokenized))
+    nll_sum = np.bincount(example_of_token, weights=np.where(scored_target, -flat_logprobs, 0.0), minlength=len(tokenized))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        nll_mean = nll_sum / n_scored
+    nll_mean = pa.array(nll_mean, from_pandas=True)  # NaN (nothing scored) -> null
+
+    return pa.Table.from_arrays(
+        [
+            pa.array([e.id for e in examples], pa.string()),
+            pa.array([e.row for e in examples], pa.int64()),
+            pa.array([e.messages for e in examples], SCORED_SCHEMA.field("messages").type),
+            pa.array([e.reference for e in examples], pa.string()),
+            pa.ListArray.from_arrays(offsets, pa.array(flat_ids)),
+            pa.ListArray.from_arrays(offsets, pa.array(flat_logprobs, from_pandas=True)),  # NaN -> null
+            pa.ListArray.from_arrays(offsets, pa.array(flat_target)),
+            pa.array(np.bincount(example_of_token, weights=flat_target, minlength=len(tokenized)).astype(np.int32)),
+            nll_mean,
+            pa.compute.exp(nll_mean),
+            pa.array([t.truncated for t in tokenized], pa.bool_()),
+        ],
+        schema=SCORED_SCHEMA,
+    )
+
+
+def summarise_scored(output_dir: Path, writer: ShardWriter, seconds: float, backend: str, model: str) -> ScoreSummary:
+    """Summary over the whole directory (all shards, resumed ones too), computed with polars."""
+    import polars as pl
+
+    shards = writer.manifest.shards
+    files = [str(Path(output_dir) / s["file"]) for s in shards]
+    rows_in = shards[-1]["rows"][1] if shards else 0
+    rejected = sum(s["n_rejects"] for s in shards)
+    if files:
+        frame = pl.scan_parquet(files).select(
+            pl.len().alias("rows"),
+            pl.col("input_ids").list.len().sum().alias("tokens"),
+            pl.col("n_target").sum().alias("target_tokens"),
+            pl.col("truncated").sum().alias("truncated"),
+            pl.col("ppl").mean().alias("ppl_mean"),
+            pl.col("ppl").median().alias("ppl_median"),
+            (pl.col("nll_mean") * pl.col("n_target")).sum().alias("nll_sum"),
+        ).collect().row(0, named=True)
+    else:
+        frame = {"rows": 0, "tokens": 0, "target_tokens": 0, "truncated": 0, "ppl_mean": None, "ppl_median": None, "nll_sum": 0}
+    target_tokens = int(frame["target_tokens"] or 0)
+    return ScoreSummary(
+        rows_in=rows_in, rows_scored=int(frame["rows"]), rows_rejected=rejected, rows_truncated=int(frame["truncated"] or 0),
+        tokens=int(frame["tokens"] or 0), target_tokens=target_tokens,
+        ppl_mean=frame["ppl_mean"], ppl_median=frame["ppl_median"],
+        token_ppl=float(np.exp(frame["nll_sum"] / target_tokens)) if target_tokens else None,
+        seconds=round(seconds, 2), backend=backend, model=model, output=str(output_dir),
+    )
+
+
+def summary_json(summary) -> str:
+    return json.dumps(asdict(summary), indent=2)
