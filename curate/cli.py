@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -10,8 +11,6 @@ from pathlib import Path
 import click
 
 from curate import __version__
-
-DEFAULT_THRESHOLD = 2.5  # the paper's headline τ (token perplexity; p < 0.4 is masked)
 
 
 @click.group()
@@ -82,7 +81,7 @@ def score(input_path, output, model, backend, dtype, max_length, truncate, promp
     model_dir = resolve_model(model)
     chat_tokenizer = ChatTokenizer(load_tokenizer(model_dir), max_length=max_length, truncate=truncate)
     try:
-        with _errors_as_usage():
+        with _errors_as_usage(), _stdout_to_stderr():
             scorer = make_scorer(backend, model_dir, dtype=dtype, max_length=max_length)
             with _progress(count_rows(input_path), quiet) as on_progress:
                 summary = score_dataset(input_path, output, scorer, chat_tokenizer, model_name=str(model or model_dir),
@@ -91,6 +90,91 @@ def score(input_path, output, model, backend, dtype, max_length, truncate, promp
     except StoreError as error:
         raise click.ClickException(str(error)) from None
     _report(summary, quiet, as_json, title="curate score")
+
+
+@main.command()
+@click.argument("scored", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Training file: .parquet or .jsonl (pre-tokenized: input_ids, attention_mask, labels, id).")
+@click.option("--mode", type=click.Choice(["stm", "ground-truth"]), default="stm", show_default=True,
+              help="stm: mask surprising target tokens; ground-truth: train on every target token.")
+@click.option("--threshold", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="STM: mask target tokens whose perplexity exp(-logprob) exceeds this [default: 2.5, the paper's τ].")
+@click.option("--mask-ratio", type=click.FloatRange(0, 1), default=None,
+              help="STM: instead, mask this fraction of all target tokens of the set, most surprising first (e.g. 0.2).")
+@click.option("--per-sample-ratio", type=click.FloatRange(0, 1), default=None,
+              help="STM: instead, mask this fraction of each example's target tokens, most surprising first.")
+@click.option("--max-ppl", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Drop examples whose response perplexity (before masking) exceeds this.")
+@click.option("--max-length", type=click.IntRange(min=1), default=None,
+              help="Drop examples longer than this many tokens (set it to Axolotl's sequence_len).")
+@click.option("--no-id", is_flag=True, help="Leave the `id` column out of the training file.")
+@model_option
+@click.option("--quiet", is_flag=True, help="No summary table.")
+@click.option("--json", "as_json", is_flag=True, help="Print the stats as JSON.")
+def export(scored, output, mode, threshold, mask_ratio, per_sample_ratio, max_ppl, max_length, no_id, model, quiet, as_json):
+    """Turn a scored directory into a training set Axolotl trains on as it is.
+
+    Masked tokens get label -100. The end-of-turn token always stays trained. Dropped
+    examples go to OUTPUT's .dropped.jsonl with their reason; stats to .stats.json.
+    """
+    from curate.export import ExportOptions, export as run_export
+    from curate.models import load_tokenizer, resolve_model
+    from curate.store import StoreError, read_manifest
+
+    try:
+        options = ExportOptions(mode=mode, threshold=threshold, mask_ratio=mask_ratio, per_sample_ratio=per_sample_ratio,
+                                max_ppl=max_ppl, max_length=max_length, with_id=not no_id)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+    try:
+        model_dir = resolve_model(model or read_manifest(scored).meta["model"])
+        with _errors_as_usage():
+            stats = run_export(scored, output, options, load_tokenizer(model_dir))
+    except StoreError as error:
+        raise click.ClickException(str(error)) from None
+    _report(stats, quiet, as_json, title=f"curate export ({mode})")
+
+
+@main.command()
+@click.argument("scored", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the stats as JSON.")
+def stats(scored, as_json):
+    """Perplexity distribution of a scored set, and what each threshold τ would mask."""
+    import json
+
+    from curate.stats import scored_stats
+    from curate.store import StoreError
+
+    try:
+        result = scored_stats(scored)
+    except StoreError as error:
+        raise click.ClickException(str(error)) from None
+    if as_json:
+        click.echo(json.dumps(asdict(result), indent=2))
+        return
+    click.echo(f"{result.examples:,} examples, {result.target_tokens:,} scored target tokens\n")
+    click.echo(f"{'quantile':>9}  {'token ppl':>10}  {'response ppl':>12}")
+    for q, token_ppl in result.token_ppl_quantiles.items():
+        click.echo(f"{q:>9.2f}  {token_ppl:>10.3f}  {result.response_ppl_quantiles[q]:>12.3f}")
+    click.echo(f"\n{'τ':>9}  {'masked':>10}")
+    for threshold, ratio in result.masked_ratio.items():
+        marker = "  <- paper default" if threshold == 2.5 else ""
+        click.echo(f"{threshold:>9.1f}  {ratio:>10.1%}{marker}")
+
+
+@contextmanager
+def _stdout_to_stderr():
+    """Engines and libraries print to stdout; keep it for our results (e.g. --json) alone."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 @contextmanager

@@ -28,6 +28,7 @@ class VLLMScorer:
     def __init__(self, model_dir, dtype: str = "auto", max_model_len: int = 4096,
                  max_num_batched_tokens: int = 8192, kv_cache_gib: float = 2.0, **engine_options):
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # our progress bar and summary say enough
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout is for results
         from vllm.platforms import current_platform
 
         on_cpu = current_platform.is_cpu()

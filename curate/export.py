@@ -1,0 +1,286 @@
+"""`export`: scored Parquet -> a training set that Axolotl reads as it is.
+
+Each output row is pre-tokenized: `input_ids`, `attention_mask`, `labels` (the token id
+where trained, -100 for prompt, template and masked tokens), plus `id`. The work streams
+one scored shard at a time, so a scored set larger than memory exports fine. Rows that
+would not train (no trained token left, too long, extreme perplexity) are not written;
+each one goes to `<output>.dropped.jsonl` with its reason, and `<output>.stats.json`
+says what the set holds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curate import masking
+from curate.models import tokenizer_fingerprint
+from curate.store import StoreError, open_scored
+
+MODES = ("ground-truth", "stm")
+IGNORE_INDEX = -100  # the label PyTorch's cross-entropy (and so Axolotl) leaves out of the loss
+
+TRAIN_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("input_ids", pa.list_(pa.int32())),
+        ("attention_mask", pa.list_(pa.int8())),
+        ("labels", pa.list_(pa.int32())),
+    ]
+)
+
+
+@dataclass
+class ExportOptions:
+    """What to keep. For `stm`, give exactly one of threshold, mask_ratio, per_sample_ratio."""
+
+    mode: str = "stm"
+    threshold: float | None = None  # token perplexity τ; masks ppl > τ
+    mask_ratio: float | None = None  # mask this fraction of the set's target tokens (most surprising)
+    per_sample_ratio: float | None = None  # ... or this fraction within each example
+    max_ppl: float | None = None  # drop examples whose response perplexity (before masking) exceeds this
+    max_length: int | None = None  # drop examples longer than this (Axolotl's sequence_len would drop them)
+    with_id: bool = True
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r} (expected one of {', '.join(MODES)})")
+        given = [o for o in ("threshold", "mask_ratio", "per_sample_ratio") if getattr(self, o) is not None]
+        if self.mode == "ground-truth" and given:
+            raise ValueError(f"--{given[0].replace('_', '-')} only applies to --mode stm")
+        if self.mode == "stm" and len(given) > 1:
+            raise ValueError("give one of --threshold, --mask-ratio, --per-sample-ratio")
+        if self.mode == "stm" and not given:
+            self.threshold = masking.DEFAULT_THRESHOLD
+
+
+@dataclass
+class ExportStats:
+    mode: str
+    output: str
+    examples_in: int = 0
+    examples_out: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    target_tokens: int = 0  # in the examples written
+    trained_tokens: int = 0
+    masked_tokens: int = 0
+    masked_ratio: float = 0.0
+    threshold: float | None = None  # token perplexity above which tokens were masked
+    mask_ratio: float | None = None
+    per_sample_ratio: float | None = None
+    response_ppl_before: float | None = None  # mean over examples, all target tokens
+    response_ppl_after: float | None = None  # mean over examples, trained tokens only
+    token_ppl_before: float | None = None  # exp(mean NLL) over all target tokens of the set
+    token_ppl_after: float | None = None
+    scoring_rejects: int = 0  # rows `curate score` could not use (see its rejects.jsonl)
+    tokenizer: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def export(scored_dir: Path, output: Path, options: ExportOptions, tokenizer) -> ExportStats:
+    """Write the training set for `options` to `output` (.parquet or .jsonl)."""
+    scored_dir, output = Path(scored_dir), Path(output)
+    manifest, shards = open_scored(scored_dir)
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    if manifest.meta["tokenizer"] != fingerprint:
+        raise StoreError(f"{scored_dir} was scored with another tokenizer ({manifest.meta['tokenizer']}, model "
+                         f"{manifest.meta['model']}) than the one given for export ({fingerprint}); "
+                         "export with the model that was scored, or score again")
+    end_of_turn = np.array(sorted(set(tokenizer.all_special_ids)), dtype=np.int32)
+    stats = ExportStats(mode=options.mode, output=str(output), tokenizer=fingerprint,
+                        threshold=options.threshold, mask_ratio=options.mask_ratio, per_sample_ratio=options.per_sample_ratio,
+                        scoring_rejects=sum(s["n_rejects"] for s in manifest.shards))
+    cutoff, ties = (None, 0)
+    if options.mask_ratio is not None:
+        cutoff, ties = masking.ratio_cutoff(_all_maskable_nll(shards, end_of_turn), options.mask_ratio)
+        stats.threshold = math.exp(cutoff) if math.isfinite(cutoff) else None
+
+    totals = _Totals()
+    with _TrainingWriter(output, options.with_id) as writer:
+        for shard in shards:
+            table = pq.read_table(shard, columns=["id", "row", "input_ids", "logprobs", "target", "ppl"])
+            batch = _Batch(table, end_of_turn)
+            if options.mode == "ground-truth":
+                keep = batch.target.copy()
+            elif options.threshold is not None:
+                keep = masking.protect(masking.threshold_keep(batch.logprobs, batch.target, options.threshold), batch.target, batch.protected)
+            elif cutoff is not None:
+                keep, ties = masking.cutoff_keep(batch.logprobs, batch.target, batch.protected, cutoff, ties)
+            else:
+                keep = masking.per_sample_keep(batch.logprobs, batch.target, batch.protected, batch.offsets, options.per_sample_ratio)
+            rows_kept, reasons = _row_filter(batch, keep, options)
+            writer.write(batch.training_table(keep).filter(pa.array(rows_kept)))
+            writer.drop(table, rows_kept, reasons)
+            totals.add(batch, keep, rows_kept)
+    totals.fill(stats)
+    stats.dropped = writer.dropped_counts
+    stats_path(output).write_text(stats.to_json() + "\n")
+    return stats
+
+
+def stats_path(output: Path) -> Path:
+    return output.with_name(output.name.rsplit(".", 1)[0] + ".stats.json")
+
+
+def dropped_path(output: Path) -> Path:
+    return output.with_name(output.name.rsplit(".", 1)[0] + ".dropped.jsonl")
+
+
+class _Batch:
+    """One scored shard as flat numpy token buffers plus per-example offsets."""
+
+    def __init__(self, table: pa.Table, end_of_turn: np.ndarray):
+        ids = table.column("input_ids").combine_chunks()
+        self.table = table
+        self.lengths = pc.list_value_length(ids).to_numpy()
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
+        self.input_ids = ids.flatten().to_numpy()
+        self.logprobs = table.column("logprobs").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        self.target = table.column("target").combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(bool)
+        self.protected = self.target & np.isin(self.input_ids, end_of_turn)
+        self.example = np.repeat(np.arange(table.num_rows), self.lengths)
+
+    def per_example(self, token_values: np.ndarray) -> np.ndarray:
+        return np.bincount(self.example, weights=token_values, minlength=self.table.num_rows)
+
+    def training_table(self, keep: np.ndarray) -> pa.Table:
+        offsets = pa.array(self.offsets.astype(np.int32))
+        labels = np.where(keep, self.input_ids, IGNORE_INDEX).astype(np.int32)
+        return pa.Table.from_arrays(
+            [self.table.column("id").combine_chunks(),
+             pa.ListArray.from_arrays(offsets, pa.array(self.input_ids.astype(np.int32))),
+             pa.ListArray.from_arrays(offsets, pa.array(np.ones(self.input_ids.size, dtype=np.int8))),
+             pa.ListArray.from_arrays(offsets, pa.array(labels))],
+            schema=TRAIN_SCHEMA)
+
+
+Reason = tuple[str, str]  # (short code for the counts, sentence for the dropped file)
+
+
+def _row_filter(batch: _Batch, keep: np.ndarray, options: ExportOptions) -> tuple[np.ndarray, list[Reason | None]]:
+    """Which examples are written, and the reason for each one that is not."""
+    trained = batch.per_example(keep)
+    ppl = batch.table.column("ppl").to_numpy(zero_copy_only=False)
+    reasons: list[Reason | None] = []
+    for i in range(batch.table.num_rows):
+        if options.max_length is not None and batch.lengths[i] > options.max_length:
+            reasons.append(("too_long", f"{batch.lengths[i]} tokens is over --max-length {options.max_length}"))
+        elif options.max_ppl is not None and ppl[i] > options.max_ppl:
+            reasons.append(("high_ppl", f"response perplexity {ppl[i]:.2f} is over --max-ppl {options.max_ppl}"))
+        elif trained[i] == 0:
+            reasons.append(("no_trained_tokens", "no trained token left (Axolotl drops rows whose labels are all -100)"))
+        else:
+            reasons.append(None)
+    return np.array([r is None for r in reasons], dtype=bool), reasons
+
+
+class _Totals:
+    """Running sums for the stats, over the examples that are written."""
+
+    def __init__(self):
+        self.examples_in = self.examples_out = 0
+        self.target = self.trained = 0
+        self.nll_target = self.nll_trained = 0.0
+        self.scored_target = self.scored_trained = 0
+        self.ppl_before: list[np.ndarray] = []
+        self.ppl_after: list[np.ndarray] = []
+
+    def add(self, batch: _Batch, keep: np.ndarray, rows_kept: np.ndarray) -> None:
+        written = rows_kept[batch.example]
+        nll = np.nan_to_num(-batch.logprobs.astype(np.float64), nan=0.0)
+        scored = np.isfinite(batch.logprobs)
+        self.examples_in += batch.table.num_rows
+        self.examples_out += int(rows_kept.sum())
+        self.target += int((batch.target & written).sum())
+        self.trained += int((keep & written).sum())
+        for mask, attr in ((batch.target, "target"), (keep, "trained")):
+            counted = mask & written & scored
+            setattr(self, f"nll_{attr}", getattr(self, f"nll_{attr}") + float(nll[counted].sum()))
+            setattr(self, f"scored_{attr}", getattr(self, f"scored_{attr}") + int(counted.sum()))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                per_example = np.exp(batch.per_example(np.where(mask & scored, nll, 0)) / batch.per_example(mask & scored))
+            (self.ppl_before if attr == "target" else self.ppl_after).append(per_example[rows_kept])
+
+    def fill(self, stats: ExportStats) -> None:
+        stats.examples_in, stats.examples_out = self.examples_in, self.examples_out
+        stats.target_tokens, stats.trained_tokens = self.target, self.trained
+        stats.masked_tokens = self.target - self.trained
+        stats.masked_ratio = round(stats.masked_tokens / self.target, 6) if self.target else 0.0
+        stats.token_ppl_before = _exp_mean(self.nll_target, self.scored_target)
+        stats.token_ppl_after = _exp_mean(self.nll_trained, self.scored_trained)
+        stats.response_ppl_before = _nanmean(self.ppl_before)
+        stats.response_ppl_after = _nanmean(self.ppl_after)
+
+
+def _exp_mean(total: float, count: int) -> float | None:
+    return round(math.exp(total / count), 6) if count else None
+
+
+def _nanmean(parts: list[np.ndarray]) -> float | None:
+    values = np.concatenate(parts) if parts else np.empty(0)
+    values = values[np.isfinite(values)]
+    return round(float(values.mean()), 6) if values.size else None
+
+
+def _all_maskable_nll(shards: list[Path], end_of_turn: np.ndarray) -> np.ndarray:
+    """NLL of every maskable target token of the set (one float32 each), for --mask-ratio."""
+    parts = []
+    for shard in shards:
+        batch = _Batch(pq.read_table(shard, columns=["id", "input_ids", "logprobs", "target"]), end_of_turn)
+        parts.append(-batch.logprobs[batch.target & ~batch.protected].astype(np.float32))
+    return np.concatenate(parts).astype(np.float64) if parts else np.empty(0)
+
+
+class _TrainingWriter:
+    """Streams training rows to .parquet or .jsonl under a temporary name, renamed when done."""
+
+    def __init__(self, output: Path, with_id: bool):
+        suffix = output.suffix.lower()
+        if suffix not in (".parquet", ".jsonl"):
+            raise ValueError(f"{output}: the training file must end in .parquet or .jsonl")
+        self.output, self.with_id, self.suffix = output, with_id, suffix
+        self.partial = output.with_name(output.name + ".partial")
+        self.dropped_counts: dict[str, int] = {}
+
+    def __enter__(self):
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        schema = TRAIN_SCHEMA if self.with_id else TRAIN_SCHEMA.remove(0)
+        self.parquet = pq.ParquetWriter(self.partial, schema, compression="zstd") if self.suffix == ".parquet" else None
+        self.jsonl = open(self.partial, "w") if self.suffix == ".jsonl" else None
+        self.dropped = open(dropped_path(self.output), "w")
+        return self
+
+    def write(self, table: pa.Table) -> None:
+        if not self.with_id:
+            table = table.drop_columns(["id"])
+        if self.parquet:
+            self.parquet.write_table(table)
+        else:
+            for record in table.to_pylist():
+                self.jsonl.write(json.dumps(record) + "\n")
+
+    def drop(self, scored: pa.Table, rows_kept: np.ndarray, reasons: list[Reason | None]) -> None:
+        ids, rows = scored.column("id").to_pylist(), scored.column("row").to_pylist()
+        for i in np.flatnonzero(~rows_kept):
+            code, sentence = reasons[i]
+            self.dropped.write(json.dumps({"id": ids[i], "row": rows[i], "reason": sentence}) + "\n")
+            self.dropped_counts[code] = self.dropped_counts.get(code, 0) + 1
+
+    def __exit__(self, kind, error, trace):
+        for handle in (self.parquet, self.jsonl, self.dropped):
+            if handle is not None:
+                handle.close()
+        if error is None:
+            os.replace(self.partial, self.output)
+        else:
+            self.partial.unlink(missing_ok=True)

