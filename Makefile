@@ -29,6 +29,9 @@ model: $(VENV)/.installed
 
 demo: setup
 	$(BIN)/curate score $(SAMPLE) -o $(OUT)/scored --overwrite
+	$(BIN)/curate stats $(OUT)/scored
+	$(BIN)/curate export $(OUT)/scored -o $(OUT)/train-stm.parquet --mode stm
+	$(BIN)/curate export $(OUT)/scored -o $(OUT)/train-gt.parquet --mode ground-truth --quiet
 
 test: setup
 	$(BIN)/python -m pytest -v
