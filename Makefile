@@ -7,10 +7,18 @@ ACCEL  := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 OUT    ?= out/demo
 SAMPLE := curate/samples/sample.jsonl
 
+# Axolotl lives in its own environment: its exact pins conflict with vLLM's.
+AXOLOTL := .venv-axolotl
+RECIPE  ?= recipes/axolotl/smollm2-135m-instruct/stm.yml
+DATA    ?= $(OUT)/train-stm.parquet
+FT_CONFIG ?= out/finetune/$(notdir $(patsubst %/,%,$(dir $(RECIPE))))-$(basename $(notdir $(RECIPE))).yml
+
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+export AXOLOTL_DO_NOT_TRACK := 1
+export DO_NOT_TRACK := 1
 
-.PHONY: setup model demo test bench clean
+.PHONY: setup model axolotl demo finetune test bench clean
 
 setup: $(VENV)/.installed model
 
@@ -27,13 +35,27 @@ $(VENV)/.installed: pyproject.toml
 model: $(VENV)/.installed
 	$(BIN)/curate models --prepare
 
+axolotl: $(AXOLOTL)/.installed
+
+$(AXOLOTL)/.installed: recipes/axolotl/requirements.txt
+	test -x $(AXOLOTL)/bin/python || $(PYTHON) -m venv $(AXOLOTL)
+	$(AXOLOTL)/bin/pip install -q --upgrade pip
+	$(AXOLOTL)/bin/pip install -q -r recipes/axolotl/requirements.txt
+	touch $@
+
 demo: setup
 	$(BIN)/curate score $(SAMPLE) -o $(OUT)/scored --overwrite
 	$(BIN)/curate stats $(OUT)/scored
 	$(BIN)/curate export $(OUT)/scored -o $(OUT)/train-stm.parquet --mode stm
 	$(BIN)/curate export $(OUT)/scored -o $(OUT)/train-gt.parquet --mode ground-truth --quiet
 
-test: setup
+# Fine-tune with an Axolotl recipe on exported data (default: the demo's STM export, on CPU).
+finetune: setup axolotl
+	test -f $(DATA) || $(MAKE) demo
+	$(BIN)/curate check-recipe $(RECIPE) --data $(DATA) -o $(FT_CONFIG)
+	PATH="$(abspath $(AXOLOTL))/bin:$$PATH" axolotl train $(FT_CONFIG)
+
+test: setup axolotl
 	$(BIN)/python -m pytest -v
 
 bench: setup

@@ -163,6 +163,26 @@ def stats(scored, as_json):
         click.echo(f"{threshold:>9.1f}  {ratio:>10.1%}{marker}")
 
 
+@main.command("check-recipe")
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--data", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The exported training file.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Where to write the filled-in config.")
+@click.option("--var", "variables", multiple=True, metavar="NAME=VALUE", help="Fill a recipe variable (BASE_MODEL, OUTPUT_DIR, MAX_STEPS, ...).")
+@click.option("--no-check", is_flag=True, help="Skip the tokenizer check (when the base model cannot be loaded here).")
+def check_recipe(recipe, data, output, variables, no_check):
+    """Fill an Axolotl RECIPE for DATA and check its base model tokenizes like the data."""
+    from curate.recipes import RecipeError, prepare_recipe
+
+    pairs = dict(v.split("=", 1) for v in variables if "=" in v)
+    if len(pairs) != len(variables):
+        raise click.BadParameter("expected NAME=VALUE", param_hint="--var")
+    try:
+        written = prepare_recipe(recipe, data, pairs, output, check=not no_check)
+    except RecipeError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(str(written))
+
+
 @contextmanager
 def _stdout_to_stderr():
     """Engines and libraries print to stdout; keep it for our results (e.g. --json) alone."""

@@ -185,51 +185,49 @@ def _row_filter(batch: _Batch, keep: np.ndarray, options: ExportOptions) -> tupl
 
 
 class _Totals:
-    """Running sums for the stats, over the examples that are written."""
+    """Running sums for the stats, over the examples that are written (constant memory)."""
 
     def __init__(self):
         self.examples_in = self.examples_out = 0
-        self.target = self.trained = 0
-        self.nll_target = self.nll_trained = 0.0
-        self.scored_target = self.scored_trained = 0
-        self.ppl_before: list[np.ndarray] = []
-        self.ppl_after: list[np.ndarray] = []
+        self.tokens = {"target": 0, "trained": 0}
+        self.nll = {"target": 0.0, "trained": 0.0}  # summed over scored tokens
+        self.scored = {"target": 0, "trained": 0}
+        self.response_ppl = {"target": 0.0, "trained": 0.0}  # summed over examples
+        self.responses = {"target": 0, "trained": 0}
 
     def add(self, batch: _Batch, keep: np.ndarray, rows_kept: np.ndarray) -> None:
         written = rows_kept[batch.example]
-        nll = np.nan_to_num(-batch.logprobs.astype(np.float64), nan=0.0)
         scored = np.isfinite(batch.logprobs)
+        nll = np.where(scored, -batch.logprobs.astype(np.float64), 0.0)
         self.examples_in += batch.table.num_rows
         self.examples_out += int(rows_kept.sum())
-        self.target += int((batch.target & written).sum())
-        self.trained += int((keep & written).sum())
-        for mask, attr in ((batch.target, "target"), (keep, "trained")):
-            counted = mask & written & scored
-            setattr(self, f"nll_{attr}", getattr(self, f"nll_{attr}") + float(nll[counted].sum()))
-            setattr(self, f"scored_{attr}", getattr(self, f"scored_{attr}") + int(counted.sum()))
+        for name, mask in (("target", batch.target), ("trained", keep)):
+            self.tokens[name] += int((mask & written).sum())
+            self.nll[name] += float(nll[mask & written & scored].sum())
+            self.scored[name] += int((mask & written & scored).sum())
             with np.errstate(invalid="ignore", divide="ignore"):
-                per_example = np.exp(batch.per_example(np.where(mask & scored, nll, 0)) / batch.per_example(mask & scored))
-            (self.ppl_before if attr == "target" else self.ppl_after).append(per_example[rows_kept])
+                per_example = np.exp(batch.per_example(np.where(mask, nll, 0.0)) / batch.per_example(mask & scored))[rows_kept]
+            per_example = per_example[np.isfinite(per_example)]
+            self.response_ppl[name] += float(per_example.sum())
+            self.responses[name] += per_example.size
 
     def fill(self, stats: ExportStats) -> None:
         stats.examples_in, stats.examples_out = self.examples_in, self.examples_out
-        stats.target_tokens, stats.trained_tokens = self.target, self.trained
-        stats.masked_tokens = self.target - self.trained
-        stats.masked_ratio = round(stats.masked_tokens / self.target, 6) if self.target else 0.0
-        stats.token_ppl_before = _exp_mean(self.nll_target, self.scored_target)
-        stats.token_ppl_after = _exp_mean(self.nll_trained, self.scored_trained)
-        stats.response_ppl_before = _nanmean(self.ppl_before)
-        stats.response_ppl_after = _nanmean(self.ppl_after)
+        stats.target_tokens, stats.trained_tokens = self.tokens["target"], self.tokens["trained"]
+        stats.masked_tokens = stats.target_tokens - stats.trained_tokens
+        stats.masked_ratio = round(stats.masked_tokens / stats.target_tokens, 6) if stats.target_tokens else 0.0
+        stats.token_ppl_before = _exp_mean(self.nll["target"], self.scored["target"])
+        stats.token_ppl_after = _exp_mean(self.nll["trained"], self.scored["trained"])
+        stats.response_ppl_before = _mean(self.response_ppl["target"], self.responses["target"])
+        stats.response_ppl_after = _mean(self.response_ppl["trained"], self.responses["trained"])
 
 
 def _exp_mean(total: float, count: int) -> float | None:
     return round(math.exp(total / count), 6) if count else None
 
 
-def _nanmean(parts: list[np.ndarray]) -> float | None:
-    values = np.concatenate(parts) if parts else np.empty(0)
-    values = values[np.isfinite(values)]
-    return round(float(values.mean()), 6) if values.size else None
+def _mean(total: float, count: int) -> float | None:
+    return round(total / count, 6) if count else None
 
 
 def _all_maskable_nll(shards: list[Path], end_of_turn: np.ndarray) -> np.ndarray:

@@ -1,0 +1,86 @@
+"""Fill an Axolotl recipe's variables and check it against the exported data.
+
+Recipes (`recipes/axolotl/<model>/<mode>.yml`) use `${NAME}` and `${NAME:-default}`
+placeholders: DATA (the exported training file), BASE_MODEL, OUTPUT_DIR and a few
+settings. The base model must be the model the data was scored with: token ids only mean
+something under the tokenizer that produced them, so a mismatch is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from curate.export import stats_path
+
+_PLACEHOLDER = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)(?::-([^}]*))?\}")
+
+
+class RecipeError(Exception):
+    pass
+
+
+def render_recipe(text: str, variables: dict[str, str]) -> str:
+    """Replace ${NAME} / ${NAME:-default}; an unset variable without a default is an error."""
+
+    def fill(match: re.Match) -> str:
+        name, default = match.group(1), match.group(2)
+        if variables.get(name) not in (None, ""):
+            return str(variables[name])
+        if default is not None:
+            return default
+        raise RecipeError(f"the recipe needs {name} (pass it as {name}=... to make, or --var {name}=...)")
+
+    return _PLACEHOLDER.sub(fill, text)
+
+
+def data_tokenizer(data: Path) -> str:
+    """The tokenizer fingerprint recorded beside an exported training file."""
+    stats = stats_path(Path(data))
+    if not stats.exists():
+        raise RecipeError(f"{data}: no {stats.name} beside it; was it written by `curate export`?")
+    return json.loads(stats.read_text())["tokenizer"]
+
+
+def check_base_model(base_model: str, data: Path) -> None:
+    """Refuse a recipe whose base model tokenizes differently from the exported data."""
+    from curate.models import load_tokenizer, tokenizer_fingerprint
+
+    try:
+        if Path(base_model).is_dir():
+            tokenizer = load_tokenizer(Path(base_model))
+        else:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(base_model)
+    except OSError as error:
+        raise RecipeError(f"cannot load the tokenizer of base_model {base_model!r} to check it "
+                          f"({error.__class__.__name__}); give a local directory as BASE_MODEL=..., or --no-check") from None
+    wanted, found = data_tokenizer(data), tokenizer_fingerprint(tokenizer)
+    if wanted != found:
+        raise RecipeError(f"{data} was scored with another tokenizer ({wanted}) than the recipe's base_model "
+                          f"{base_model} ({found}); fine-tune the model you scored with, or score again with --model")
+
+
+def prepare_recipe(recipe: Path, data: Path, variables: dict[str, str], output: Path, check: bool = True) -> Path:
+    """Render `recipe` for `data` into `output`, checked; returns the written path."""
+    import yaml
+
+    recipe, data = Path(recipe), Path(data).resolve()
+    if not data.exists():
+        raise RecipeError(f"{data}: no such training file (run `curate export` first)")
+    defaults = {"DATA": str(data), "OUTPUT_DIR": str(Path("out/finetune").resolve() / f"{recipe.parent.name}-{recipe.stem}")}
+    if recipe.parent.name == "smollm2-135m-instruct":
+        from curate.models import default_model_dir
+
+        defaults["BASE_MODEL"] = str(default_model_dir())
+    merged = {**defaults, **{k: v for k, v in os.environ.items() if k in ("BASE_MODEL", "OUTPUT_DIR", "MAX_STEPS")}, **variables}
+    rendered = render_recipe(recipe.read_text(), merged)
+    config = yaml.safe_load(rendered)
+    if check:
+        check_base_model(str(config["base_model"]), data)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(rendered)
+    return output
