@@ -48,6 +48,12 @@ demo: setup
 	$(BIN)/curate stats $(OUT)/scored
 	$(BIN)/curate export $(OUT)/scored -o $(OUT)/train-stm.parquet --mode stm
 	$(BIN)/curate export $(OUT)/scored -o $(OUT)/train-gt.parquet --mode ground-truth --quiet
+	# Self-output: the model's own answers, checked, scored, exported (wrong ones fall back to the ground truth).
+	$(BIN)/curate generate $(SAMPLE) -o $(OUT)/generated --max-new-tokens 256 --overwrite
+	$(BIN)/curate score $(OUT)/generated -o $(OUT)/generated-scored --overwrite --quiet
+	$(BIN)/curate export $(OUT)/generated-scored -o $(OUT)/train-self.parquet --mode self-output \
+		--on-wrong ground-truth --ground-truth $(OUT)/scored
+	$(BIN)/curate stats $(OUT)/scored $(OUT)/generated-scored
 
 # Fine-tune with an Axolotl recipe on exported data (default: the demo's STM export, on CPU).
 finetune: setup axolotl

@@ -51,7 +51,7 @@ def make_scored_set(directory: Path, examples: int, tokens: int, seed: int = 0) 
             pa.ListArray.from_arrays(offsets, pa.array(logprobs, from_pandas=True)),
             pa.ListArray.from_arrays(offsets, pa.array(target)),
             pa.array(np.full(n, tokens - tokens // 2, dtype=np.int32)), pa.array(nll), pa.array(np.exp(nll)),
-            pa.array(np.zeros(n, dtype=bool)),
+            pa.array(np.zeros(n, dtype=bool)), pa.nulls(n, pa.string()),
         ], schema=SCORED_SCHEMA)
         writer.write_shard(table, [], end_row=start + n)
     writer.finish({})

@@ -30,10 +30,11 @@ def sample_token_ids(model_dir: Path, repeat: int) -> list[list[int]]:
     return ids * repeat
 
 
-def timed(label: str, fn, tokens: int) -> float:
-    fn()  # warm-up (first-call allocations, lazy init)
+def timed(label: str, fn, token_ids: list[list[int]]) -> float:
+    fn(token_ids[:8])  # warm-up (first-call allocations, lazy init)
+    tokens = sum(map(len, token_ids))
     start = time.perf_counter()
-    fn()
+    fn(token_ids)
     seconds = time.perf_counter() - start
     rate = tokens / seconds
     print(f"{label:<28} {seconds:8.2f} s  {rate:10,.0f} tok/s", flush=True)
@@ -59,7 +60,7 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
-    parser.add_argument("--repeat", type=int, default=4, help="copies of the bundled sample to score")
+    parser.add_argument("--repeat", type=int, default=2, help="copies of the bundled sample to score")
     parser.add_argument("--skip-vllm", action="store_true")
     args = parser.parse_args()
 
@@ -69,15 +70,15 @@ def main() -> None:
     print(f"model {model_dir}\n{len(token_ids)} sequences, {tokens:,} tokens, torch threads {torch.get_num_threads()}\n")
 
     hf = HFScorer(model_dir, dtype="float32")
-    rates = {"bare forward (baseline)": timed("bare forward (baseline)", lambda: bare_forward(hf, token_ids), tokens)}
-    rates["hf backend"] = timed("hf backend", lambda: hf.score(token_ids), tokens)
+    rates = {"bare forward (baseline)": timed("bare forward (baseline)", lambda ids: bare_forward(hf, ids), token_ids)}
+    rates["hf backend"] = timed("hf backend", hf.score, token_ids)
     if not args.skip_vllm:
         from curate.scoring.vllm import VLLMScorer
 
         started = time.perf_counter()
         engine = VLLMScorer(model_dir, dtype="float32")
         print(f"{'vllm engine start':<28} {time.perf_counter() - started:8.2f} s")
-        rates["vllm backend"] = timed("vllm backend", lambda: engine.score(token_ids), tokens)
+        rates["vllm backend"] = timed("vllm backend", engine.score, token_ids)
 
     baseline = rates["bare forward (baseline)"]
     print("\nratio to the bare forward pass (higher is faster)")

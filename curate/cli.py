@@ -96,8 +96,13 @@ def score(input_path, output, model, backend, dtype, max_length, truncate, promp
 @click.argument("scored", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Training file: .parquet or .jsonl (pre-tokenized: input_ids, attention_mask, labels, id).")
-@click.option("--mode", type=click.Choice(["stm", "ground-truth"]), default="stm", show_default=True,
-              help="stm: mask surprising target tokens; ground-truth: train on every target token.")
+@click.option("--mode", type=click.Choice(["stm", "ground-truth", "self-output"]), default="stm", show_default=True,
+              help="stm: mask surprising target tokens; ground-truth: train on every target token; "
+                   "self-output: the model's own verified answers (SCORED = `curate score` of `curate generate` output).")
+@click.option("--on-wrong", type=click.Choice(["drop", "ground-truth"]), default="drop", show_default=True,
+              help="self-output: what to do with prompts that have no verified answer.")
+@click.option("--ground-truth", "ground_truth", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="self-output with --on-wrong ground-truth: the scored ground-truth directory to fall back on.")
 @click.option("--threshold", type=click.FloatRange(min=0, min_open=True), default=None,
               help="STM: mask target tokens whose perplexity exp(-logprob) exceeds this [default: 2.5, the paper's τ].")
 @click.option("--mask-ratio", type=click.FloatRange(0, 1), default=None,
@@ -112,7 +117,7 @@ def score(input_path, output, model, backend, dtype, max_length, truncate, promp
 @model_option
 @click.option("--quiet", is_flag=True, help="No summary table.")
 @click.option("--json", "as_json", is_flag=True, help="Print the stats as JSON.")
-def export(scored, output, mode, threshold, mask_ratio, per_sample_ratio, max_ppl, max_length, no_id, model, quiet, as_json):
+def export(scored, output, mode, on_wrong, ground_truth, threshold, mask_ratio, per_sample_ratio, max_ppl, max_length, no_id, model, quiet, as_json):
     """Turn a scored directory into a training set Axolotl trains on as it is.
 
     Masked tokens get label -100. The end-of-turn token always stays trained. Dropped
@@ -124,7 +129,8 @@ def export(scored, output, mode, threshold, mask_ratio, per_sample_ratio, max_pp
 
     try:
         options = ExportOptions(mode=mode, threshold=threshold, mask_ratio=mask_ratio, per_sample_ratio=per_sample_ratio,
-                                max_ppl=max_ppl, max_length=max_length, with_id=not no_id)
+                                max_ppl=max_ppl, max_length=max_length, with_id=not no_id,
+                                on_wrong=on_wrong, ground_truth=ground_truth)
     except ValueError as error:
         raise click.UsageError(str(error)) from None
     try:
@@ -137,23 +143,35 @@ def export(scored, output, mode, threshold, mask_ratio, per_sample_ratio, max_pp
 
 
 @main.command()
-@click.argument("scored", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("scored", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the stats as JSON.")
 def stats(scored, as_json):
-    """Perplexity distribution of a scored set, and what each threshold τ would mask."""
+    """Perplexity distribution of a scored set, and what each threshold τ would mask.
+
+    With several SCORED directories (say, the ground truth and the model's own answers),
+    one comparison table instead.
+    """
     import json
 
     from curate.stats import scored_stats
     from curate.store import StoreError
 
     try:
-        result = scored_stats(scored)
+        results = [scored_stats(directory) for directory in scored]
     except StoreError as error:
         raise click.ClickException(str(error)) from None
     if as_json:
-        click.echo(json.dumps(asdict(result), indent=2))
-        return
-    click.echo(f"{result.examples:,} examples, {result.target_tokens:,} scored target tokens\n")
+        payload = [asdict(r) | {"scored": str(d)} for d, r in zip(scored, results)]
+        click.echo(json.dumps(payload[0] if len(payload) == 1 else payload, indent=2))
+    elif len(results) > 1:
+        _echo_comparison(scored, results)
+    else:
+        _echo_stats(results[0])
+
+
+def _echo_stats(result) -> None:
+    click.echo(f"{result.examples:,} examples, {result.target_tokens:,} scored target tokens, "
+               f"token perplexity {result.token_ppl:.3f}\n")
     click.echo(f"{'quantile':>9}  {'token ppl':>10}  {'response ppl':>12}")
     for q, token_ppl in result.token_ppl_quantiles.items():
         click.echo(f"{q:>9.2f}  {token_ppl:>10.3f}  {result.response_ppl_quantiles[q]:>12.3f}")
@@ -161,6 +179,65 @@ def stats(scored, as_json):
     for threshold, ratio in result.masked_ratio.items():
         marker = "  <- paper default" if threshold == 2.5 else ""
         click.echo(f"{threshold:>9.1f}  {ratio:>10.1%}{marker}")
+
+
+def _echo_comparison(directories, results) -> None:
+    width = max(len(str(d)) for d in directories)
+    click.echo(f"{'scored set':<{width}}  {'examples':>8}  {'tokens':>8}  {'token ppl':>9}  "
+               f"{'median response ppl':>19}  {'ppl > 2.5':>9}")
+    for directory, r in zip(directories, results):
+        click.echo(f"{str(directory):<{width}}  {r.examples:>8,}  {r.target_tokens:>8,}  {r.token_ppl:>9.3f}  "
+                   f"{r.response_ppl_quantiles[0.5]:>19.3f}  {r.masked_ratio.get(2.5, float('nan')):>9.1%}")
+
+
+@main.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path(exists=True, path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for the answers (Parquet shards + manifest.json + rejects.jsonl); `curate score` reads it.")
+@model_option
+@click.option("--backend", type=click.Choice(["auto", "vllm", "hf"]), default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
+@click.option("--verify", "checker", type=click.Choice(["auto", "none", "math", "exact", "code"]), default="auto", show_default=True,
+              help="Check each answer against the reference: math (final number), exact (normalised text), "
+                   "code (run the reference's asserts, 10 s limit), auto (code or math by what the reference holds).")
+@click.option("--n", type=click.IntRange(min=1), default=1, show_default=True, help="Answers per prompt (the paper: 32).")
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0 is greedy (the paper: 0.7).")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True, help="The paper: 0.95.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (reproducible runs).")
+@click.option("--rephrase", is_flag=True, help="Rephrase: the model rewrites the reference answer in its own words.")
+@click.option("--max-length", type=click.IntRange(min=2), default=4096, show_default=True, help="Prompt + answer tokens at most.")
+@click.option("--reference-field", default="reference", show_default=True)
+@click.option("--shard-rows", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--resume", is_flag=True, help="Finish an interrupted run.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run.")
+@click.option("--quiet", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+def generate(input_path, output, model, backend, dtype, checker, n, temperature, top_p, max_new_tokens, seed, rephrase,
+             max_length, reference_field, shard_rows, resume, overwrite, quiet, as_json):
+    """The model's own answers to INPUT's prompts (self-output), checked against the reference."""
+    from curate.data import Fields, count_rows
+    from curate.generate import HFGenerator, SamplingOptions, VLLMGenerator, generate_dataset
+    from curate.models import load_tokenizer, resolve_model
+    from curate.scoring.base import default_backend
+    from curate.store import StoreError
+    from curate.tokenize import ChatTokenizer
+
+    model_dir = resolve_model(model)
+    chat_tokenizer = ChatTokenizer(load_tokenizer(model_dir), max_length=max_length)
+    sampling = SamplingOptions(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+    try:
+        with _errors_as_usage(), _stdout_to_stderr():
+            backend = default_backend() if backend == "auto" else backend
+            generator = (VLLMGenerator(model_dir, dtype=dtype, max_model_len=max_length) if backend == "vllm"
+                         else HFGenerator(model_dir, dtype=dtype))
+            with _progress(count_rows(input_path), quiet) as on_progress:
+                summary = generate_dataset(input_path, output, generator, chat_tokenizer, sampling, checker=checker,
+                                           rephrase=rephrase, fields=Fields(reference=reference_field), shard_rows=shard_rows,
+                                           resume=resume, overwrite=overwrite, on_progress=on_progress)
+    except StoreError as error:
+        raise click.ClickException(str(error)) from None
+    _report(summary, quiet, as_json, title="curate generate")
 
 
 @main.command("check-recipe")
@@ -235,8 +312,9 @@ def _report(summary, quiet: bool, as_json: bool, title: str) -> None:
         click.echo(json.dumps(data, indent=2))
     elif not quiet:
         click.echo(f"\n{title}")
-        width = max(map(len, data))
-        for key, value in data.items():
+        rows = {k: v for k, v in data.items() if v is not None}  # None: an option that does not apply
+        width = max(map(len, rows))
+        for key, value in rows.items():
             shown = f"{value:,.3f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else value
             click.echo(f"  {key:<{width}}  {shown}")
 

@@ -25,6 +25,13 @@ class Example:
     id: str
     messages: list[dict[str, str]]
     reference: str | None = None
+    extra: dict | None = None  # the row's other columns, carried through (e.g. a generated answer's verdict)
+
+
+# Columns a shape consumes, and per-token columns of a scored set read back as input (they
+# are recomputed); every other column of a row is carried along in `extra`.
+_SHAPE_COLUMNS = {"messages", "conversations", "instruction", "input", "output", "system"}
+_SCORED_COLUMNS = {"input_ids", "logprobs", "target", "n_target", "nll_mean", "ppl", "truncated", "extra"}
 
 
 @dataclass
@@ -202,7 +209,18 @@ def normalise(row: int, record: dict, fields: Fields = Fields()) -> Example:
     if reference is not None and not isinstance(reference, str):
         reference = json.dumps(reference) if isinstance(reference, (list, dict)) else str(reference)
     raw_id = record.get(fields.id)
-    return Example(row=row, id=str(row) if raw_id is None else str(raw_id), messages=messages, reference=reference)
+    used = _SHAPE_COLUMNS | _SCORED_COLUMNS | {fields.id, fields.reference, fields.prompt, fields.response}
+    extra = _carried_extra(record) | {k: v for k, v in record.items() if k not in used}
+    return Example(row=row, id=str(row) if raw_id is None else str(raw_id), messages=messages, reference=reference, extra=extra or None)
+
+
+def _carried_extra(record: dict) -> dict:
+    """The `extra` of a scored row read back as input, so that it survives a re-score."""
+    try:
+        carried = json.loads(record.get("extra") or "{}")
+    except (TypeError, ValueError):
+        return {}
+    return carried if isinstance(carried, dict) else {}
 
 
 def _text(row: int, value, field_name: str) -> str:

@@ -25,7 +25,7 @@ from curate import masking
 from curate.models import tokenizer_fingerprint
 from curate.store import StoreError, open_scored
 
-MODES = ("ground-truth", "stm")
+MODES = ("ground-truth", "stm", "self-output")
 IGNORE_INDEX = -100  # the label PyTorch's cross-entropy (and so Axolotl) leaves out of the loss
 
 TRAIN_SCHEMA = pa.schema(
@@ -49,13 +49,19 @@ class ExportOptions:
     max_ppl: float | None = None  # drop examples whose response perplexity (before masking) exceeds this
     max_length: int | None = None  # drop examples longer than this (Axolotl's sequence_len would drop them)
     with_id: bool = True
+    on_wrong: str = "drop"  # self-output: prompts with no verified answer are dropped, or ...
+    ground_truth: Path | None = None  # ... take their ground truth from this scored directory
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r} (expected one of {', '.join(MODES)})")
         given = [o for o in ("threshold", "mask_ratio", "per_sample_ratio") if getattr(self, o) is not None]
-        if self.mode == "ground-truth" and given:
+        if self.mode != "stm" and given:
             raise ValueError(f"--{given[0].replace('_', '-')} only applies to --mode stm")
+        if self.on_wrong not in ("drop", "ground-truth"):
+            raise ValueError("--on-wrong is drop or ground-truth")
+        if self.mode == "self-output" and self.on_wrong == "ground-truth" and self.ground_truth is None:
+            raise ValueError("--on-wrong ground-truth needs --ground-truth SCORED_DIR (the scored ground-truth set)")
         if self.mode == "stm" and len(given) > 1:
             raise ValueError("give one of --threshold, --mask-ratio, --per-sample-ratio")
         if self.mode == "stm" and not given:
@@ -81,6 +87,8 @@ class ExportStats:
     token_ppl_before: float | None = None  # exp(mean NLL) over all target tokens of the set
     token_ppl_after: float | None = None
     scoring_rejects: int = 0  # rows `curate score` could not use (see its rejects.jsonl)
+    self_output_prompts: int | None = None  # self-output: prompts answered correctly (or unchecked) ...
+    ground_truth_fallbacks: int | None = None  # ... and prompts that fell back to the ground truth
     tokenizer: str = ""
 
     def to_json(self) -> str:
@@ -105,12 +113,13 @@ def export(scored_dir: Path, output: Path, options: ExportOptions, tokenizer) ->
         cutoff, ties = masking.ratio_cutoff(_all_maskable_nll(shards, end_of_turn), options.mask_ratio)
         stats.threshold = math.exp(cutoff) if math.isfinite(cutoff) else None
 
+    chosen, fallback_ids = _choose_self_output(shards) if options.mode == "self-output" else (None, set())
     totals = _Totals()
     with _TrainingWriter(output, options.with_id) as writer:
         for shard in shards:
             table = pq.read_table(shard, columns=["id", "row", "input_ids", "logprobs", "target", "ppl"])
             batch = _Batch(table, end_of_turn)
-            if options.mode == "ground-truth":
+            if options.mode in ("ground-truth", "self-output"):
                 keep = batch.target.copy()
             elif options.threshold is not None:
                 keep = masking.protect(masking.threshold_keep(batch.logprobs, batch.target, options.threshold), batch.target, batch.protected)
@@ -118,10 +127,16 @@ def export(scored_dir: Path, output: Path, options: ExportOptions, tokenizer) ->
                 keep, ties = masking.cutoff_keep(batch.logprobs, batch.target, batch.protected, cutoff, ties)
             else:
                 keep = masking.per_sample_keep(batch.logprobs, batch.target, batch.protected, batch.offsets, options.per_sample_ratio)
-            rows_kept, reasons = _row_filter(batch, keep, options)
+            rows_kept, reasons = _row_filter(batch, keep, options, chosen)
             writer.write(batch.training_table(keep).filter(pa.array(rows_kept)))
             writer.drop(table, rows_kept, reasons)
             totals.add(batch, keep, rows_kept)
+        if fallback_ids and options.on_wrong == "ground-truth":
+            fallbacks = _write_ground_truth(options.ground_truth, fallback_ids, fingerprint, end_of_turn, options, writer, totals)
+            stats.ground_truth_fallbacks = fallbacks
+    if chosen is not None:
+        stats.self_output_prompts = len(chosen)
+        stats.ground_truth_fallbacks = stats.ground_truth_fallbacks or 0
     totals.fill(stats)
     stats.dropped = writer.dropped_counts
     stats_path(output).write_text(stats.to_json() + "\n")
@@ -167,13 +182,18 @@ class _Batch:
 Reason = tuple[str, str]  # (short code for the counts, sentence for the dropped file)
 
 
-def _row_filter(batch: _Batch, keep: np.ndarray, options: ExportOptions) -> tuple[np.ndarray, list[Reason | None]]:
+def _row_filter(batch: _Batch, keep: np.ndarray, options: ExportOptions,
+                chosen: dict[str, int] | None = None) -> tuple[np.ndarray, list[Reason | None]]:
     """Which examples are written, and the reason for each one that is not."""
     trained = batch.per_example(keep)
     ppl = batch.table.column("ppl").to_numpy(zero_copy_only=False)
+    ids, rows = batch.table.column("id").to_pylist(), batch.table.column("row").to_pylist()
     reasons: list[Reason | None] = []
     for i in range(batch.table.num_rows):
-        if options.max_length is not None and batch.lengths[i] > options.max_length:
+        if chosen is not None and chosen.get(ids[i]) != rows[i]:
+            reasons.append(("not_chosen", "another answer to this prompt was chosen" if ids[i] in chosen
+                            else "no verified answer to this prompt" + _fallback_note(options)))
+        elif options.max_length is not None and batch.lengths[i] > options.max_length:
             reasons.append(("too_long", f"{batch.lengths[i]} tokens is over --max-length {options.max_length}"))
         elif options.max_ppl is not None and ppl[i] > options.max_ppl:
             reasons.append(("high_ppl", f"response perplexity {ppl[i]:.2f} is over --max-ppl {options.max_ppl}"))
@@ -228,6 +248,48 @@ def _exp_mean(total: float, count: int) -> float | None:
 
 def _mean(total: float, count: int) -> float | None:
     return round(total / count, 6) if count else None
+
+
+def _choose_self_output(shards: list[Path]) -> tuple[dict[str, int], set[str]]:
+    """Per prompt id, the scored row of its answer to train on: among verified answers (or
+    unchecked ones, where no checker exists) the lowest response perplexity, as in the paper.
+    Returns {id: row} and the ids with no usable answer."""
+    import polars as pl
+
+    verdict = pl.col("extra").str.json_path_match
+    answers = pl.scan_parquet([str(s) for s in shards]).select(
+        "id", "row", "ppl", verdict("$.verified").alias("verified"), verdict("$.verify_reason").alias("reason")).collect()
+    if answers.height and answers["reason"].is_null().all():
+        raise StoreError("these scored rows carry no generation verdicts: score the output of `curate generate` for self-output")
+    usable = answers.filter(pl.col("verified").is_null() | (pl.col("verified") == "true"))
+    best = usable.sort("ppl", nulls_last=True).group_by("id", maintain_order=True).first()
+    chosen = dict(zip(best["id"].to_list(), best["row"].to_list()))
+    return chosen, set(answers["id"].to_list()) - set(chosen)
+
+
+def _write_ground_truth(scored_dir: Path, ids: set[str], fingerprint: str, end_of_turn: np.ndarray,
+                        options: ExportOptions, writer: "_TrainingWriter", totals: "_Totals") -> int:
+    """Append the ground-truth rows of `ids` (every target token trained) from a scored set."""
+    manifest, shards = open_scored(scored_dir)
+    if manifest.meta["tokenizer"] != fingerprint:
+        raise StoreError(f"{scored_dir}: the ground-truth set was scored with another tokenizer")
+    written = 0
+    for shard in shards:
+        table = pq.read_table(shard, columns=["id", "row", "input_ids", "logprobs", "target", "ppl"])
+        table = table.filter(pc.is_in(table.column("id"), pa.array(sorted(ids), pa.string())))
+        if table.num_rows == 0:
+            continue
+        batch = _Batch(table, end_of_turn)
+        rows_kept, reasons = _row_filter(batch, batch.target.copy(), options)
+        writer.write(batch.training_table(batch.target).filter(pa.array(rows_kept)))
+        writer.drop(table, rows_kept, reasons)
+        totals.add(batch, batch.target, rows_kept)
+        written += int(rows_kept.sum())
+    return written
+
+
+def _fallback_note(options: ExportOptions) -> str:
+    return ": its ground truth is used instead" if options.on_wrong == "ground-truth" else ""
 
 
 def _all_maskable_nll(shards: list[Path], end_of_turn: np.ndarray) -> np.ndarray:

@@ -119,6 +119,7 @@ def scored_table(examples: list[Example], tokenized: list[TokenizedExample], log
             nll_mean,
             pa.compute.exp(nll_mean),
             pa.array([t.truncated for t in tokenized], pa.bool_()),
+            pa.array([None if e.extra is None else json.dumps(e.extra, ensure_ascii=False, default=str) for e in examples], pa.string()),
         ],
         schema=SCORED_SCHEMA,
     )

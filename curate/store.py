@@ -37,6 +37,7 @@ SCORED_SCHEMA = pa.schema(
         ("nll_mean", pa.float64()),  # mean -logprob over target tokens
         ("ppl", pa.float64()),  # exp(nll_mean): the response perplexity
         ("truncated", pa.bool_()),
+        ("extra", pa.string()),  # JSON of the input row's other columns (null when none)
     ]
 )
 

@@ -70,6 +70,27 @@ def scored_sample(tmp_path_factory, sample_path, hf_scorer, chat_tokenizer) -> P
     return out
 
 
+@pytest.fixture(scope="session")
+def generated_sample(tmp_path_factory, sample_path, model_dir, vllm_scorer, chat_tokenizer) -> Path:
+    """The model's own greedy answers to the sample's prompts (vLLM, sharing the session engine),
+    checked against the references."""
+    from curate.generate import SamplingOptions, VLLMGenerator, generate_dataset
+
+    out = tmp_path_factory.mktemp("generated") / "sample"
+    generator = VLLMGenerator(model_dir, scorer=vllm_scorer)
+    generate_dataset(sample_path, out, generator, chat_tokenizer, SamplingOptions(max_new_tokens=256), checker="auto")
+    return out
+
+
+@pytest.fixture(scope="session")
+def scored_generated(tmp_path_factory, generated_sample, vllm_scorer, chat_tokenizer) -> Path:
+    from curate.score import score_dataset
+
+    out = tmp_path_factory.mktemp("scored") / "generated"
+    score_dataset(generated_sample, out, vllm_scorer, chat_tokenizer, model_name="default")
+    return out
+
+
 def run_curate(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
     """Run the real `curate` command line in a subprocess."""
     curate = shutil.which("curate", path=str(Path(sys.executable).parent)) or "curate"

@@ -14,6 +14,18 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}[dtype]
 
 
+def load_causal_lm(model_dir, dtype: str = "auto", device: str | None = None):
+    """(model, device, dtype name): the model in eval mode on `device` (CUDA when present)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # our own progress bar and summary say enough
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = resolve_dtype(dtype, device)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(device).eval()
+    return model, device, str(torch_dtype).removeprefix("torch.")
+
+
 class HFScorer:
     """Batches sequences by a token budget (longest first, little padding) and computes
     log-softmax over the vocabulary a few positions at a time, so a 256k vocabulary never
@@ -27,12 +39,7 @@ class HFScorer:
 
     def __init__(self, model_dir, dtype: str = "auto", device: str | None = None,
                  token_budget: int = 8192, logits_budget: int = 2**26):
-        from transformers import AutoModelForCausalLM
-
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        torch_dtype = resolve_dtype(dtype, self.device)
-        self.dtype = str(torch_dtype).removeprefix("torch.")
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(self.device).eval()
+        self.model, self.device, self.dtype = load_causal_lm(model_dir, dtype, device)
         self.body = getattr(self.model, self.model.base_model_prefix)
         self.head = self.model.get_output_embeddings()
         self.softcap = getattr(self.model.config, "final_logit_softcapping", None)  # Gemma-2
