@@ -18,7 +18,7 @@ export TOKENIZERS_PARALLELISM := false
 export AXOLOTL_DO_NOT_TRACK := 1
 export DO_NOT_TRACK := 1
 
-.PHONY: setup model axolotl demo finetune test bench clean
+.PHONY: setup model axolotl browser demo finetune test bench clean
 
 setup: $(VENV)/.installed model
 
@@ -43,6 +43,11 @@ $(AXOLOTL)/.installed: recipes/axolotl/requirements.txt
 	$(AXOLOTL)/bin/pip install -q -r recipes/axolotl/requirements.txt
 	touch $@
 
+# Debian's chromium, for the test that opens `curate report` pages in a real headless browser.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
+
 demo: setup
 	$(BIN)/curate score $(SAMPLE) -o $(OUT)/scored --overwrite
 	$(BIN)/curate stats $(OUT)/scored
@@ -54,6 +59,7 @@ demo: setup
 	$(BIN)/curate export $(OUT)/generated-scored -o $(OUT)/train-self.parquet --mode self-output \
 		--on-wrong ground-truth --ground-truth $(OUT)/scored
 	$(BIN)/curate stats $(OUT)/scored $(OUT)/generated-scored
+	$(BIN)/curate report $(OUT)/scored $(OUT)/generated-scored -o $(OUT)/report.html
 
 # Fine-tune with an Axolotl recipe on exported data (default: the demo's STM export, on CPU).
 finetune: setup axolotl
@@ -61,7 +67,7 @@ finetune: setup axolotl
 	$(BIN)/curate check-recipe $(RECIPE) --data $(DATA) -o $(FT_CONFIG)
 	PATH="$(abspath $(AXOLOTL))/bin:$$PATH" axolotl train $(FT_CONFIG)
 
-test: setup axolotl
+test: setup axolotl browser
 	$(BIN)/python -m pytest -v
 
 bench: setup

@@ -240,6 +240,68 @@ def generate(input_path, output, model, backend, dtype, checker, n, temperature,
     _report(summary, quiet, as_json, title="curate generate")
 
 
+@main.command()
+@click.argument("scored", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The HTML file to write.")
+@click.option("--threshold", type=click.FloatRange(min=0, min_open=True), default=2.5, show_default=True,
+              help="The τ to mark: tokens above it are what STM masks.")
+@click.option("--examples", type=click.IntRange(min=0), default=6, show_default=True,
+              help="Examples per set rendered token by token, spread from the most surprising response down.")
+@model_option
+def report(scored, output, threshold, examples, model):
+    """One self-contained HTML page (no network needed to view it) showing where the
+    perplexity of SCORED is; with several scored sets, their distributions side by side."""
+    from curate.report import write_report
+
+    tokenizers = [_scored_tokenizer(directory, model, "the report") for directory in scored]
+    path = write_report(list(scored), output, tokenizers, threshold=threshold, examples=examples)
+    click.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)", err=True)
+
+
+@main.command()
+@click.argument("scored", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--id", "ids", multiple=True, help="Show the example with this id (repeatable).")
+@click.option("--index", "indices", multiple=True, type=click.IntRange(min=0),
+              help="Show the example at this 0-based position in the scored set (repeatable).")
+@click.option("--top", type=click.IntRange(min=1), default=None,
+              help="Show the N examples of highest response perplexity [default: 1 without --id/--index].")
+@click.option("--threshold", type=click.FloatRange(min=0, min_open=True), default=2.5, show_default=True,
+              help="Mark target tokens above this perplexity as masked, as `export --mode stm` would.")
+@click.option("--color/--no-color", default=None, help="Force colour on or off [default: colour on a terminal].")
+@model_option
+def inspect(scored, ids, indices, top, threshold, color, model):
+    """The tokens of a few scored examples, coloured by perplexity, masked ones struck through."""
+    from rich.console import Console
+
+    from curate.view import render_legend, render_terminal, select_examples, token_views
+
+    if sum(map(bool, (ids, indices, top))) > 1:
+        raise click.UsageError("give one of --id, --index, --top")
+    tokenizer = _scored_tokenizer(scored, model, "inspect")
+    try:
+        chosen = select_examples(scored, ids=ids, indices=indices, top=top)
+    except KeyError as error:
+        raise click.UsageError(error.args[0]) from None
+    console = Console(force_terminal=color, no_color=color is False, highlight=False, soft_wrap=True)
+    render_legend(threshold, console)
+    for example in chosen:
+        render_terminal(example, token_views(example, tokenizer, threshold), threshold, console)
+
+
+def _scored_tokenizer(scored: Path, model: str | None, purpose: str):
+    """The tokenizer a scored set was scored with (`--model`, else the manifest's model), checked."""
+    from curate.models import load_tokenizer, resolve_model, tokenizer_fingerprint
+    from curate.store import StoreError, open_scored, require_tokenizer
+
+    try:
+        manifest, _ = open_scored(scored)
+        tokenizer = load_tokenizer(resolve_model(model or manifest.meta["model"]))
+        require_tokenizer(scored, manifest, tokenizer_fingerprint(tokenizer), purpose)
+    except StoreError as error:
+        raise click.ClickException(str(error)) from None
+    return tokenizer
+
+
 @main.command("check-recipe")
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--data", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The exported training file.")

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from curate import masking
 from curate.models import tokenizer_fingerprint
-from curate.store import StoreError, open_scored
+from curate.store import StoreError, open_scored, require_tokenizer
 
 MODES = ("ground-truth", "stm", "self-output")
 IGNORE_INDEX = -100  # the label PyTorch's cross-entropy (and so Axolotl) leaves out of the loss
@@ -100,10 +100,7 @@ def export(scored_dir: Path, output: Path, options: ExportOptions, tokenizer) ->
     scored_dir, output = Path(scored_dir), Path(output)
     manifest, shards = open_scored(scored_dir)
     fingerprint = tokenizer_fingerprint(tokenizer)
-    if manifest.meta["tokenizer"] != fingerprint:
-        raise StoreError(f"{scored_dir} was scored with another tokenizer ({manifest.meta['tokenizer']}, model "
-                         f"{manifest.meta['model']}) than the one given for export ({fingerprint}); "
-                         "export with the model that was scored, or score again")
+    require_tokenizer(scored_dir, manifest, fingerprint, "export")
     end_of_turn = np.array(sorted(set(tokenizer.all_special_ids)), dtype=np.int32)
     stats = ExportStats(mode=options.mode, output=str(output), tokenizer=fingerprint,
                         threshold=options.threshold, mask_ratio=options.mask_ratio, per_sample_ratio=options.per_sample_ratio,
@@ -271,8 +268,7 @@ def _write_ground_truth(scored_dir: Path, ids: set[str], fingerprint: str, end_o
                         options: ExportOptions, writer: "_TrainingWriter", totals: "_Totals") -> int:
     """Append the ground-truth rows of `ids` (every target token trained) from a scored set."""
     manifest, shards = open_scored(scored_dir)
-    if manifest.meta["tokenizer"] != fingerprint:
-        raise StoreError(f"{scored_dir}: the ground-truth set was scored with another tokenizer")
+    require_tokenizer(scored_dir, manifest, fingerprint, "the self-output set")
     written = 0
     for shard in shards:
         table = pq.read_table(shard, columns=["id", "row", "input_ids", "logprobs", "target", "ppl"])

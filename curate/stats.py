@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import polars as pl
@@ -47,4 +48,48 @@ def scored_stats(scored_dir, thresholds=THRESHOLDS, quantiles=QUANTILES) -> Scor
         token_ppl_quantiles={q: token_row[f"q{q}"] for q in quantiles},
         response_ppl_quantiles={q: response_row[f"q{q}"] for q in quantiles},
         masked_ratio={t: token_row[f"t{t}"] for t in thresholds},
+    )
+
+
+def _target_nll(scored_dir) -> pl.LazyFrame:
+    """One row per scored target token: its id and NLL (streamed, not held)."""
+    _, shards = open_scored(scored_dir)
+    return (
+        pl.scan_parquet([str(s) for s in shards]).select("input_ids", "logprobs", "target")
+        .explode("input_ids", "logprobs", "target")
+        .filter(pl.col("target") & pl.col("logprobs").is_not_null())
+        .select(pl.col("input_ids").alias("token"), (-pl.col("logprobs")).alias("nll"))
+    )
+
+
+def ppl_histogram(scored_dir, per: str = "token", bins_per_decade: int = 20, decades: int = 4) -> tuple[list[float], list[float]]:
+    """(bin lower edges, share in each bin) of token or response perplexity, on log-spaced
+    bins from 1 to 10**decades; the last bin also holds everything above."""
+    if per == "token":
+        log_ppl = _target_nll(scored_dir).select((pl.col("nll") / math.log(10)).alias("log_ppl"))
+    else:
+        _, shards = open_scored(scored_dir)
+        log_ppl = pl.scan_parquet([str(s) for s in shards]).select(pl.col("nll_mean").drop_nulls() / math.log(10)).rename(
+            {"nll_mean": "log_ppl"})
+    n_bins = bins_per_decade * decades
+    counts = (
+        log_ppl.select((pl.col("log_ppl") * bins_per_decade).floor().clip(0, n_bins - 1).cast(pl.Int32).alias("bin"))
+        .group_by("bin").len().collect(engine="streaming")
+    )
+    shares = [0.0] * n_bins
+    total = counts["len"].sum() or 1
+    for bin_, count in counts.iter_rows():
+        shares[bin_] = count / total
+    return [10 ** (i / bins_per_decade) for i in range(n_bins)], shares
+
+
+def surprising_tokens(scored_dir, threshold: float, top: int = 30) -> pl.DataFrame:
+    """The token ids most often above τ among target tokens: how often above, how often in
+    all, and their token perplexity (exp of mean NLL)."""
+    return (
+        _target_nll(scored_dir).group_by("token").agg(
+            (pl.col("nll") > math.log(threshold)).sum().alias("above"), pl.len().alias("occurrences"),
+            pl.col("nll").mean().exp().alias("ppl"))
+        .filter(pl.col("above") > 0).sort(["above", "ppl"], descending=True).head(top)
+        .collect(engine="streaming")
     )

@@ -181,6 +181,14 @@ def open_scored(directory: Path, require_complete: bool = True) -> tuple[Manifes
     return manifest, [Path(directory) / shard["file"] for shard in manifest.shards]
 
 
+def require_tokenizer(directory: Path, manifest: Manifest, fingerprint: str, purpose: str) -> None:
+    """Refuse to read token ids of a scored set with another tokenizer than it was scored with."""
+    if manifest.meta["tokenizer"] != fingerprint:
+        raise StoreError(f"{directory} was scored with another tokenizer ({manifest.meta['tokenizer']}, model "
+                         f"{manifest.meta['model']}) than the one given for {purpose} ({fingerprint}); "
+                         f"use the model that was scored (--model), or score again")
+
+
 def file_metadata(path: Path) -> dict:
     raw = pq.read_schema(path).metadata or {}
     return json.loads(raw.get(METADATA_KEY, b"{}"))
