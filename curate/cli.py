@@ -18,14 +18,21 @@ from curate import __version__
 def main() -> None:
     """Curate fine-tuning data by per-token perplexity under the model you will fine-tune.
 
-    Typical flow: `curate score data.jsonl -o scored/`, then
-    `curate export scored/ -o train.parquet --mode stm`, then train with Axolotl.
+    Typical flow: `curate score data.jsonl -o scored/`, look with `curate stats`,
+    `curate report` or `curate inspect`, then `curate export scored/ -o train.parquet
+    --mode stm`, then train with Axolotl (`make finetune`). `curate generate` makes
+    self-output data, which `curate score` and `export --mode self-output` take.
     """
 
 
 model_option = click.option(
     "--model", default=None, metavar="DIR",
     help="Hugging Face model directory (or hub id when online) [default: the bundled SmolLM2-135M-Instruct].")
+
+# For commands that read a scored set: the tokenizer to read its token ids with.
+scored_model_option = click.option(
+    "--model", default=None, metavar="DIR",
+    help="The model the set was scored with, for its tokenizer [default: the one its manifest names].")
 
 
 @main.command()
@@ -114,7 +121,7 @@ def score(input_path, output, model, backend, dtype, max_length, truncate, promp
 @click.option("--max-length", type=click.IntRange(min=1), default=None,
               help="Drop examples longer than this many tokens (set it to Axolotl's sequence_len).")
 @click.option("--no-id", is_flag=True, help="Leave the `id` column out of the training file.")
-@model_option
+@scored_model_option
 @click.option("--quiet", is_flag=True, help="No summary table.")
 @click.option("--json", "as_json", is_flag=True, help="Print the stats as JSON.")
 def export(scored, output, mode, on_wrong, ground_truth, threshold, mask_ratio, per_sample_ratio, max_ppl, max_length, no_id, model, quiet, as_json):
@@ -124,8 +131,7 @@ def export(scored, output, mode, on_wrong, ground_truth, threshold, mask_ratio, 
     examples go to OUTPUT's .dropped.jsonl with their reason; stats to .stats.json.
     """
     from curate.export import ExportOptions, export as run_export
-    from curate.models import load_tokenizer, resolve_model
-    from curate.store import StoreError, read_manifest
+    from curate.store import StoreError
 
     try:
         options = ExportOptions(mode=mode, threshold=threshold, mask_ratio=mask_ratio, per_sample_ratio=per_sample_ratio,
@@ -133,10 +139,10 @@ def export(scored, output, mode, on_wrong, ground_truth, threshold, mask_ratio, 
                                 on_wrong=on_wrong, ground_truth=ground_truth)
     except ValueError as error:
         raise click.UsageError(str(error)) from None
+    tokenizer = _scored_tokenizer(scored, model, "export")
     try:
-        model_dir = resolve_model(model or read_manifest(scored).meta["model"])
         with _errors_as_usage():
-            stats = run_export(scored, output, options, load_tokenizer(model_dir))
+            stats = run_export(scored, output, options, tokenizer)
     except StoreError as error:
         raise click.ClickException(str(error)) from None
     _report(stats, quiet, as_json, title=f"curate export ({mode})")
@@ -247,7 +253,7 @@ def generate(input_path, output, model, backend, dtype, checker, n, temperature,
               help="The τ to mark: tokens above it are what STM masks.")
 @click.option("--examples", type=click.IntRange(min=0), default=6, show_default=True,
               help="Examples per set rendered token by token, spread from the most surprising response down.")
-@model_option
+@scored_model_option
 def report(scored, output, threshold, examples, model):
     """One self-contained HTML page (no network needed to view it) showing where the
     perplexity of SCORED is; with several scored sets, their distributions side by side."""
@@ -268,7 +274,7 @@ def report(scored, output, threshold, examples, model):
 @click.option("--threshold", type=click.FloatRange(min=0, min_open=True), default=2.5, show_default=True,
               help="Mark target tokens above this perplexity as masked, as `export --mode stm` would.")
 @click.option("--color/--no-color", default=None, help="Force colour on or off [default: colour on a terminal].")
-@model_option
+@scored_model_option
 def inspect(scored, ids, indices, top, threshold, color, model):
     """The tokens of a few scored examples, coloured by perplexity, masked ones struck through."""
     from rich.console import Console

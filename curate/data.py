@@ -8,10 +8,14 @@ a plain reason; the caller sends it to the rejects file. No row is ever dropped 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 ROLES = ("system", "user", "assistant")
 _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -165,6 +169,27 @@ def _read_datasets_dir(path: Path, start: int) -> Iterator[tuple[int, dict | Row
                     if row >= start:
                         yield row, record
                     row += 1
+
+
+def read_in_chunks(path: Path, prepare: Callable[[Example], T], fields: Fields = Fields(), start: int = 0,
+                   size: int = 128) -> Iterator[tuple[int, list[tuple[Example, T]], list[dict]]]:
+    """Chunks of `size` input rows from row `start` on, normalised and passed to `prepare`
+    (which may raise `RowError`): (end row, [(example, prepared)], reject records). Each input
+    row is in exactly one of the two lists; a chunk of only rejects is yielded too."""
+    records = read_records(path, start=start)
+    while chunk := list(itertools.islice(records, size)):
+        prepared, rejects = [], []
+        for row, record in chunk:
+            try:
+                if isinstance(record, RowError):
+                    raise record
+                example = normalise(row, record, fields)
+                prepared.append((example, prepare(example)))
+            except RowError as error:
+                if error.raw is None:
+                    error.raw = json.dumps(record, ensure_ascii=False, default=str)
+                rejects.append(error.to_record(str(path)))
+        yield chunk[-1][0] + 1, prepared, rejects
 
 
 def count_rows(path: Path) -> int | None:

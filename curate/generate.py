@@ -11,8 +11,6 @@ answer and asked to write its own; the result is paired with the original prompt
 
 from __future__ import annotations
 
-import itertools
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -20,7 +18,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from curate.data import Example, Fields, RowError, normalise, read_records
+from curate.data import Example, Fields, RowError, read_in_chunks
 from curate.models import tokenizer_fingerprint
 from curate.store import MESSAGE, ShardWriter, input_fingerprint
 from curate.tokenize import ChatTokenizer
@@ -107,27 +105,20 @@ def generate_dataset(
             "fields": asdict(fields), "max_length": chat_tokenizer.max_length, "truncate": False,
             "sampling": asdict(sampling), "checker": checker, "rephrase": rephrase}
     writer = ShardWriter(output_dir, meta, schema=GENERATED_SCHEMA, resume=resume, overwrite=overwrite)
-    records = read_records(input_path, start=writer.next_row)
-    while chunk := list(itertools.islice(records, shard_rows)):
-        examples, prompts, rejects = [], [], []
-        for row, record in chunk:
-            try:
-                if isinstance(record, RowError):
-                    raise record
-                example = normalise(row, record, fields)
-                prompt_ids = chat_tokenizer.prompt_ids(prompt_of(example, rephrase))
-                if chat_tokenizer.max_length and len(prompt_ids) + sampling.max_new_tokens > chat_tokenizer.max_length:
-                    raise RowError(row, f"prompt of {len(prompt_ids)} tokens + --max-new-tokens is over --max-length")
-                examples.append(example)
-                prompts.append(prompt_ids)
-            except RowError as error:
-                error.raw = error.raw or json.dumps(record, ensure_ascii=False, default=str)
-                rejects.append(error.to_record(str(input_path)))
+
+    def prompt_ids(example: Example) -> list[int]:
+        ids = chat_tokenizer.prompt_ids(prompt_of(example, rephrase))
+        if chat_tokenizer.max_length and len(ids) + sampling.max_new_tokens > chat_tokenizer.max_length:
+            raise RowError(example.row, f"prompt of {len(ids)} tokens + --max-new-tokens is over --max-length")
+        return ids
+
+    for end_row, prepared, rejects in read_in_chunks(input_path, prompt_ids, fields, start=writer.next_row, size=shard_rows):
+        examples, prompts = [e for e, _ in prepared], [p for _, p in prepared]
         samples = generator.generate(prompts, sampling) if prompts else []
         writer.write_shard(_generated_table(examples, samples, tokenizer, checker, rephrase), rejects,
-                           end_row=chunk[-1][0] + 1)
+                           end_row=end_row)
         if on_progress:
-            on_progress(len(chunk), sum(len(ids) for per_prompt in samples for ids, _ in per_prompt))
+            on_progress(len(prepared) + len(rejects), sum(len(ids) for per_prompt in samples for ids, _ in per_prompt))
     summary = _summarise(output_dir, writer, time.perf_counter() - started, generator.backend)
     writer.finish(asdict(summary))
     return summary

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 from collections.abc import Callable
@@ -13,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
-from curate.data import Example, Fields, RowError, normalise, read_records
+from curate.data import Example, Fields, read_in_chunks
 from curate.models import tokenizer_fingerprint
 from curate.scoring.base import Scorer
 from curate.store import SCORED_SCHEMA, ShardWriter, input_fingerprint
@@ -66,24 +65,14 @@ def score_dataset(
         "truncate": chat_tokenizer.truncate,
     }
     writer = ShardWriter(output_dir, meta, resume=resume, overwrite=overwrite)
-    records = read_records(input_path, start=writer.next_row)
-    while chunk := list(itertools.islice(records, shard_rows)):
-        examples, tokenized, rejects = [], [], []
-        for row, record in chunk:
-            try:
-                if isinstance(record, RowError):
-                    raise record
-                example = normalise(row, record, fields)
-                tokenized.append(chat_tokenizer.encode(row, example.messages))
-                examples.append(example)
-            except RowError as error:
-                if error.raw is None:
-                    error.raw = json.dumps(record, ensure_ascii=False, default=str)
-                rejects.append(error.to_record(str(input_path)))
+    chunks = read_in_chunks(input_path, lambda example: chat_tokenizer.encode(example.row, example.messages),
+                            fields, start=writer.next_row, size=shard_rows)
+    for end_row, prepared, rejects in chunks:
+        examples, tokenized = [e for e, _ in prepared], [t for _, t in prepared]
         logprobs = scorer.score([t.input_ids for t in tokenized]) if tokenized else []
-        writer.write_shard(scored_table(examples, tokenized, logprobs), rejects, end_row=chunk[-1][0] + 1)
+        writer.write_shard(scored_table(examples, tokenized, logprobs), rejects, end_row=end_row)
         if on_progress:
-            on_progress(len(chunk), sum(len(t.input_ids) for t in tokenized))
+            on_progress(len(prepared) + len(rejects), sum(len(t.input_ids) for t in tokenized))
     summary = summarise_scored(output_dir, writer, time.perf_counter() - started, scorer.backend, model_name)
     writer.finish(asdict(summary))
     return summary
