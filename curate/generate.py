@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from typing import Protocol
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -58,6 +59,19 @@ class SamplingOptions:
     seed: int = 0
 
 
+Answers = list[list[tuple[list[int], bool]]]  # per prompt, n x (token ids without the stop token, finished)
+
+
+class Generator(Protocol):
+    """What `generate_dataset` needs of a backend (`HFGenerator`, `VLLMGenerator`)."""
+
+    backend: str
+    dtype: str
+    model_name: str
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingOptions) -> Answers: ...
+
+
 @dataclass
 class GenerateSummary:
     rows_in: int
@@ -87,7 +101,7 @@ def prompt_of(example: Example, rephrase: bool) -> list[dict]:
 def generate_dataset(
     input_path: Path,
     output_dir: Path,
-    generator,
+    generator: Generator,
     chat_tokenizer: ChatTokenizer,
     sampling: SamplingOptions = SamplingOptions(),
     checker: str = "none",
@@ -98,6 +112,8 @@ def generate_dataset(
     overwrite: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> GenerateSummary:
+    """Answer every prompt of `input_path` into the shard directory `output_dir`, checking each
+    answer with `checker`; rows that cannot be used go to its rejects.jsonl."""
     started = time.perf_counter()
     tokenizer = chat_tokenizer.tokenizer
     meta = {"kind": "generated", "input": input_fingerprint(input_path), "model": generator.model_name,
@@ -174,7 +190,7 @@ class HFGenerator:
         self.stop_ids = _stop_ids(tokenizer, self.model.generation_config)
         self.batch_size = batch_size
 
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingOptions) -> list[list[tuple[list[int], bool]]]:
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingOptions) -> Answers:
         import torch
 
         torch.manual_seed(sampling.seed)
@@ -225,7 +241,7 @@ class VLLMGenerator:
             generation_config = None
         self.stop_ids = _stop_ids(tokenizer, generation_config)
 
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingOptions) -> list[list[tuple[list[int], bool]]]:
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingOptions) -> Answers:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 

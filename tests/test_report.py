@@ -70,6 +70,18 @@ def test_comparison_report_renders_its_charts_in_a_real_browser(tmp_path, browse
     shutil.copy(screenshot, artifacts / "report-compare.png")
 
 
+def test_single_set_report_marks_the_chosen_threshold(tmp_path, browser, scored_sample):
+    report = tmp_path / "report.html"
+    run_curate("report", scored_sample, "-o", report, "--threshold", "3", "--examples", "2")
+    page, errors, requests = _open(browser, report)
+    assert errors == [] and requests == []
+    for chart in CHARTS:
+        assert page.locator(f"#{chart} .scatterlayer .trace").count() == 1
+        assert "τ = 3" in page.locator(f"#{chart}").inner_text(), "the chosen τ is marked on every chart"
+    assert page.locator(".example").count() == 2
+    assert "masked at τ = 3" in page.locator("#summary").inner_text()
+
+
 def test_report_refuses_a_set_scored_with_another_tokenizer(tmp_path, scored_sample, model_dir):
     other = tmp_path / "other-model"
     shutil.copytree(model_dir, other, ignore=shutil.ignore_patterns("*.safetensors"))
