@@ -27,7 +27,9 @@ class VLLMScorer:
 
     def __init__(self, model_dir, dtype: str = "auto", max_model_len: int = 4096,
                  max_num_batched_tokens: int = 8192, kv_cache_gib: float = 2.0, **engine_options):
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # our progress bar and summary say enough
+        # Our progress bar and summary say enough; vLLM's warnings on CPU are noise (thread binding,
+        # a chat-template warm-up that needs the tokenizer we do not load). Set it to WARNING to see them.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout is for results
         from vllm.platforms import current_platform
 
