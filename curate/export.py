@@ -95,13 +95,22 @@ class ExportStats:
         return json.dumps(asdict(self), indent=2)
 
 
+_READ_COLUMNS = ["id", "row", "input_ids", "logprobs", "target", "ppl"]  # what export reads of a scored shard
+
+
+def end_of_turn_ids(tokenizer) -> np.ndarray:
+    """Token ids that always stay trained when they are target tokens: the special tokens, of
+    which the end-of-turn token is the one a template puts in an answer."""
+    return np.array(sorted(set(tokenizer.all_special_ids)), dtype=np.int32)
+
+
 def export(scored_dir: Path, output: Path, options: ExportOptions, tokenizer) -> ExportStats:
     """Write the training set for `options` to `output` (.parquet or .jsonl)."""
     scored_dir, output = Path(scored_dir), Path(output)
     manifest, shards = open_scored(scored_dir)
     fingerprint = tokenizer_fingerprint(tokenizer)
     require_tokenizer(scored_dir, manifest, fingerprint, "export")
-    end_of_turn = np.array(sorted(set(tokenizer.all_special_ids)), dtype=np.int32)
+    end_of_turn = end_of_turn_ids(tokenizer)
     stats = ExportStats(mode=options.mode, output=str(output), tokenizer=fingerprint,
                         threshold=options.threshold, mask_ratio=options.mask_ratio, per_sample_ratio=options.per_sample_ratio,
                         scoring_rejects=sum(s["n_rejects"] for s in manifest.shards))
@@ -114,8 +123,7 @@ def export(scored_dir: Path, output: Path, options: ExportOptions, tokenizer) ->
     totals = _Totals()
     with _TrainingWriter(output, options.with_id) as writer:
         for shard in shards:
-            table = pq.read_table(shard, columns=["id", "row", "input_ids", "logprobs", "target", "ppl"])
-            batch = _Batch(table, end_of_turn)
+            batch = _Batch(pq.read_table(shard, columns=_READ_COLUMNS), end_of_turn)
             if options.mode in ("ground-truth", "self-output"):
                 keep = batch.target.copy()
             elif options.threshold is not None:
@@ -124,10 +132,7 @@ def export(scored_dir: Path, output: Path, options: ExportOptions, tokenizer) ->
                 keep, ties = masking.cutoff_keep(batch.logprobs, batch.target, batch.protected, cutoff, ties)
             else:
                 keep = masking.per_sample_keep(batch.logprobs, batch.target, batch.protected, batch.offsets, options.per_sample_ratio)
-            rows_kept, reasons = _row_filter(batch, keep, options, chosen)
-            writer.write(batch.training_table(keep).filter(pa.array(rows_kept)))
-            writer.drop(table, rows_kept, reasons)
-            totals.add(batch, keep, rows_kept)
+            _write_batch(batch, keep, options, writer, totals, chosen)
         if fallback_ids and options.on_wrong == "ground-truth":
             fallbacks = _write_ground_truth(options.ground_truth, fallback_ids, fingerprint, end_of_turn, options, writer, totals)
             stats.ground_truth_fallbacks = fallbacks
@@ -177,6 +182,17 @@ class _Batch:
 
 
 Reason = tuple[str, str]  # (short code for the counts, sentence for the dropped file)
+
+
+def _write_batch(batch: _Batch, keep: np.ndarray, options: ExportOptions, writer: "_TrainingWriter",
+                 totals: "_Totals", chosen: dict[str, int] | None = None) -> int:
+    """Write the examples of `batch` that pass `_row_filter`, list the others as dropped, and
+    count both; returns how many were written."""
+    rows_kept, reasons = _row_filter(batch, keep, options, chosen)
+    writer.write(batch.training_table(keep).filter(pa.array(rows_kept)))
+    writer.drop(batch.table, rows_kept, reasons)
+    totals.add(batch, keep, rows_kept)
+    return int(rows_kept.sum())
 
 
 def _row_filter(batch: _Batch, keep: np.ndarray, options: ExportOptions,
@@ -271,16 +287,11 @@ def _write_ground_truth(scored_dir: Path, ids: set[str], fingerprint: str, end_o
     require_tokenizer(scored_dir, manifest, fingerprint, "the self-output set")
     written = 0
     for shard in shards:
-        table = pq.read_table(shard, columns=["id", "row", "input_ids", "logprobs", "target", "ppl"])
+        table = pq.read_table(shard, columns=_READ_COLUMNS)
         table = table.filter(pc.is_in(table.column("id"), pa.array(sorted(ids), pa.string())))
-        if table.num_rows == 0:
-            continue
-        batch = _Batch(table, end_of_turn)
-        rows_kept, reasons = _row_filter(batch, batch.target.copy(), options)
-        writer.write(batch.training_table(batch.target).filter(pa.array(rows_kept)))
-        writer.drop(table, rows_kept, reasons)
-        totals.add(batch, batch.target, rows_kept)
-        written += int(rows_kept.sum())
+        if table.num_rows:
+            batch = _Batch(table, end_of_turn)
+            written += _write_batch(batch, batch.target, options, writer, totals)
     return written
 
 

@@ -25,14 +25,8 @@ class ScoredStats:
 
 def scored_stats(scored_dir, thresholds=THRESHOLDS, quantiles=QUANTILES) -> ScoredStats:
     """One lazy polars pass per question; the exploded token column is streamed, not held."""
-    _, shards = open_scored(scored_dir)
-    scan = pl.scan_parquet([str(s) for s in shards])
-    tokens = (
-        scan.select("logprobs", "target").explode("logprobs", "target")
-        .filter(pl.col("target") & pl.col("logprobs").is_not_null())
-        .select((-pl.col("logprobs")).alias("nll"))
-        .with_columns(pl.col("nll").exp().alias("ppl"))
-    )
+    scan = _scan(scored_dir)
+    tokens = _target_nll(scan).with_columns(pl.col("nll").exp().alias("ppl"))
     token_row = tokens.select(
         pl.len().alias("n"), pl.col("nll").mean().exp().alias("token_ppl"),
         *[pl.col("ppl").quantile(q).alias(f"q{q}") for q in quantiles],
@@ -51,14 +45,19 @@ def scored_stats(scored_dir, thresholds=THRESHOLDS, quantiles=QUANTILES) -> Scor
     )
 
 
-def _target_nll(scored_dir) -> pl.LazyFrame:
-    """One row per scored target token: its id and NLL (streamed, not held)."""
+def _scan(scored_dir) -> pl.LazyFrame:
     _, shards = open_scored(scored_dir)
+    return pl.scan_parquet([str(s) for s in shards])
+
+
+def _target_nll(scan: pl.LazyFrame, with_token: bool = False) -> pl.LazyFrame:
+    """One row per scored target token of a scored set: its NLL, and its id with `with_token`
+    (streamed, not held; the ids are read only when asked for)."""
+    columns = ["input_ids", "logprobs", "target"] if with_token else ["logprobs", "target"]
     return (
-        pl.scan_parquet([str(s) for s in shards]).select("input_ids", "logprobs", "target")
-        .explode("input_ids", "logprobs", "target")
+        scan.select(columns).explode(columns)
         .filter(pl.col("target") & pl.col("logprobs").is_not_null())
-        .select(pl.col("input_ids").alias("token"), (-pl.col("logprobs")).alias("nll"))
+        .select(*([pl.col("input_ids").alias("token")] if with_token else []), (-pl.col("logprobs")).alias("nll"))
     )
 
 
@@ -66,10 +65,9 @@ def ppl_histogram(scored_dir, per: str = "token", bins_per_decade: int = 20, dec
     """(bin lower edges, share in each bin) of token or response perplexity, on log-spaced
     bins from 1 to 10**decades; the last bin also holds everything above."""
     if per == "token":
-        log_ppl = _target_nll(scored_dir).select((pl.col("nll") / math.log(10)).alias("log_ppl"))
+        log_ppl = _target_nll(_scan(scored_dir)).select((pl.col("nll") / math.log(10)).alias("log_ppl"))
     else:
-        _, shards = open_scored(scored_dir)
-        log_ppl = pl.scan_parquet([str(s) for s in shards]).select(pl.col("nll_mean").drop_nulls() / math.log(10)).rename(
+        log_ppl = _scan(scored_dir).select(pl.col("nll_mean").drop_nulls() / math.log(10)).rename(
             {"nll_mean": "log_ppl"})
     n_bins = bins_per_decade * decades
     counts = (
@@ -87,7 +85,7 @@ def surprising_tokens(scored_dir, threshold: float, top: int = 30) -> pl.DataFra
     """The token ids most often above τ among target tokens: how often above, how often in
     all, and their token perplexity (exp of mean NLL)."""
     return (
-        _target_nll(scored_dir).group_by("token").agg(
+        _target_nll(_scan(scored_dir), with_token=True).group_by("token").agg(
             (pl.col("nll") > math.log(threshold)).sum().alias("above"), pl.len().alias("occurrences"),
             pl.col("nll").mean().exp().alias("ppl"))
         .filter(pl.col("above") > 0).sort(["above", "ppl"], descending=True).head(top)

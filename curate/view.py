@@ -15,6 +15,7 @@ import numpy as np
 import polars as pl
 
 from curate import masking
+from curate.export import end_of_turn_ids
 from curate.store import open_scored
 
 EXAMPLE_COLUMNS = ["id", "row", "input_ids", "logprobs", "target", "n_target", "ppl"]
@@ -46,7 +47,7 @@ def token_views(example: dict, tokenizer, threshold: float = masking.DEFAULT_THR
     ids = np.asarray(example["input_ids"], dtype=np.int64)
     logprobs = np.array([np.nan if v is None else v for v in example["logprobs"]], dtype=np.float64)
     target = np.asarray(example["target"], dtype=bool)
-    protected = target & np.isin(ids, tokenizer.all_special_ids)
+    protected = target & np.isin(ids, end_of_turn_ids(tokenizer))
     keep = masking.protect(masking.threshold_keep(logprobs, target, threshold), target, protected)
     texts = token_texts(ids.tolist(), tokenizer)
     return [
