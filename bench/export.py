@@ -33,7 +33,9 @@ def make_scored_set(directory: Path, examples: int, tokens: int, seed: int = 0) 
 
     rng = np.random.default_rng(seed)
     fingerprint = tokenizer_fingerprint(load_tokenizer(resolve_model(None)))
-    writer = ShardWriter(directory, {"kind": "scored", "model": DEFAULT_MODEL_NAME, "tokenizer": fingerprint}, overwrite=True)
+    meta = {"kind": "scored", "model": DEFAULT_MODEL_NAME, "tokenizer": fingerprint,
+            "targets": {"end_of_turn": {"id": 2, "token": "<|im_end|>"}}}
+    writer = ShardWriter(directory, meta, overwrite=True)
     for start in range(0, examples, ROWS_PER_SHARD):
         n = min(ROWS_PER_SHARD, examples - start)
         offsets = pa.array(np.arange(n + 1, dtype=np.int32) * tokens)
@@ -50,6 +52,7 @@ def make_scored_set(directory: Path, examples: int, tokens: int, seed: int = 0) 
             pa.ListArray.from_arrays(offsets, pa.array(ids)),
             pa.ListArray.from_arrays(offsets, pa.array(logprobs, from_pandas=True)),
             pa.ListArray.from_arrays(offsets, pa.array(target)),
+            pa.ListArray.from_arrays(offsets, pa.array(position == tokens - 1)),
             pa.array(np.full(n, tokens - tokens // 2, dtype=np.int32)), pa.array(nll), pa.array(np.exp(nll)),
             pa.array(np.zeros(n, dtype=bool)), pa.nulls(n, pa.string()),
         ], schema=SCORED_SCHEMA)

@@ -35,6 +35,16 @@ scored_model_option = click.option(
     help="The model the set was scored with, for its tokenizer [default: the one its manifest names].")
 
 
+system_prompt_option = click.option(
+    "--system-prompt", type=click.Choice(["keep", "merge", "drop"]), default="keep", show_default=True,
+    help="keep: pass system messages to the template; merge: fold them into the first user turn (for templates "
+         "without a system role, e.g. Gemma-2); drop: remove them.")
+
+allow_other_model_option = click.option(
+    "--allow-other-model", is_flag=True,
+    help="Use a scored set with another model than the one that scored it (its perplexities belong to that model).")
+
+
 @main.command()
 @click.option("--prepare", is_flag=True, help="De-quantize the bundled model now, if it is not ready yet.")
 def models(prepare: bool) -> None:
@@ -58,6 +68,9 @@ def models(prepare: bool) -> None:
 @click.option("--max-length", type=click.IntRange(min=2), default=4096, show_default=True,
               help="Longest example in tokens; longer ones are rejected unless --truncate.")
 @click.option("--truncate", is_flag=True, help="Keep the first --max-length tokens of over-long examples (marked `truncated`).")
+@system_prompt_option
+@click.option("--train-turns", type=click.Choice(["all", "last"]), default="all", show_default=True,
+              help="Which assistant turns are targets; the others stay context. A message's `weight: 0` also keeps it out.")
 @click.option("--prompt-field", default=None, help="Column holding the prompt (with --response-field), instead of shape detection.")
 @click.option("--response-field", default=None, help="Column holding the response.")
 @click.option("--reference-field", default="reference", show_default=True, help="Column holding the checkable reference answer.")
@@ -67,8 +80,8 @@ def models(prepare: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in the output directory.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary table.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def score(input_path, output, model, backend, dtype, max_length, truncate, prompt_field, response_field,
-          reference_field, shard_rows, resume, overwrite, quiet, as_json) -> None:
+def score(input_path, output, model, backend, dtype, max_length, truncate, system_prompt, train_turns, prompt_field,
+          response_field, reference_field, shard_rows, resume, overwrite, quiet, as_json) -> None:
     """Annotate every token of INPUT with its log-probability under the model.
 
     INPUT: .jsonl, .json, .parquet, .csv, or a `datasets` save_to_disk directory, with
@@ -86,13 +99,14 @@ def score(input_path, output, model, backend, dtype, max_length, truncate, promp
         raise click.UsageError("--prompt-field and --response-field go together")
     fields = Fields(prompt=prompt_field, response=response_field, reference=reference_field)
     model_dir = resolve_model(model)
-    chat_tokenizer = ChatTokenizer(load_tokenizer(model_dir), max_length=max_length, truncate=truncate)
     try:
         with _errors_as_usage(), _stdout_to_stderr():
+            chat_tokenizer = ChatTokenizer(load_tokenizer(model_dir), max_length=max_length, truncate=truncate,
+                                           system_prompt=system_prompt, train_turns=train_turns)
             scorer = make_scorer(backend, model_dir, dtype=dtype, max_length=max_length)
             with _progress(count_rows(input_path), quiet) as on_progress:
                 summary = score_dataset(input_path, output, scorer, chat_tokenizer, model_name=str(model or model_dir),
-                                        fields=fields, shard_rows=shard_rows, resume=resume, overwrite=overwrite,
+                                        model_dir=model_dir, fields=fields, shard_rows=shard_rows, resume=resume, overwrite=overwrite,
                                         on_progress=on_progress)
     except StoreError as error:
         raise click.ClickException(str(error)) from None
@@ -121,10 +135,13 @@ def score(input_path, output, model, backend, dtype, max_length, truncate, promp
 @click.option("--max-length", type=click.IntRange(min=1), default=None,
               help="Drop examples longer than this many tokens (set it to Axolotl's sequence_len).")
 @click.option("--no-id", is_flag=True, help="Leave the `id` column out of the training file.")
-@scored_model_option
+@click.option("--model", default=None, metavar="DIR",
+              help="The model you will fine-tune; it must be the one the set was scored with [default: the manifest's].")
+@allow_other_model_option
 @click.option("--quiet", is_flag=True, help="No summary table.")
 @click.option("--json", "as_json", is_flag=True, help="Print the stats as JSON.")
-def export(scored, output, mode, on_wrong, ground_truth, threshold, mask_ratio, per_sample_ratio, max_ppl, max_length, no_id, model, quiet, as_json):
+def export(scored, output, mode, on_wrong, ground_truth, threshold, mask_ratio, per_sample_ratio, max_ppl, max_length, no_id,
+           model, allow_other_model, quiet, as_json):
     """Turn a scored directory into a training set Axolotl trains on as it is.
 
     Masked tokens get label -100. The end-of-turn token always stays trained. Dropped
@@ -139,7 +156,7 @@ def export(scored, output, mode, on_wrong, ground_truth, threshold, mask_ratio, 
                                 on_wrong=on_wrong, ground_truth=ground_truth)
     except ValueError as error:
         raise click.UsageError(str(error)) from None
-    tokenizer = _scored_tokenizer(scored, model, "export")
+    tokenizer = _scored_tokenizer(scored, model, "export", check_model=not allow_other_model)
     try:
         with _errors_as_usage():
             stats = run_export(scored, output, options, tokenizer)
@@ -213,6 +230,7 @@ def _echo_comparison(directories, results) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (reproducible runs).")
 @click.option("--rephrase", is_flag=True, help="Rephrase: the model rewrites the reference answer in its own words.")
 @click.option("--max-length", type=click.IntRange(min=2), default=4096, show_default=True, help="Prompt + answer tokens at most.")
+@system_prompt_option
 @click.option("--reference-field", default="reference", show_default=True)
 @click.option("--shard-rows", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--resume", is_flag=True, help="Finish an interrupted run.")
@@ -220,7 +238,7 @@ def _echo_comparison(directories, results) -> None:
 @click.option("--quiet", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 def generate(input_path, output, model, backend, dtype, checker, n, temperature, top_p, max_new_tokens, seed, rephrase,
-             max_length, reference_field, shard_rows, resume, overwrite, quiet, as_json):
+             max_length, system_prompt, reference_field, shard_rows, resume, overwrite, quiet, as_json):
     """The model's own answers to INPUT's prompts (self-output), checked against the reference."""
     from curate.data import Fields, count_rows
     from curate.generate import HFGenerator, SamplingOptions, VLLMGenerator, generate_dataset
@@ -230,7 +248,10 @@ def generate(input_path, output, model, backend, dtype, checker, n, temperature,
     from curate.tokenize import ChatTokenizer
 
     model_dir = resolve_model(model)
-    chat_tokenizer = ChatTokenizer(load_tokenizer(model_dir), max_length=max_length)
+    try:
+        chat_tokenizer = ChatTokenizer(load_tokenizer(model_dir), max_length=max_length, system_prompt=system_prompt)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
     sampling = SamplingOptions(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
     try:
         with _errors_as_usage(), _stdout_to_stderr():
@@ -294,18 +315,59 @@ def inspect(scored, ids, indices, top, threshold, color, model):
         render_terminal(example, token_views(example, tokenizer, threshold), threshold, console)
 
 
-def _scored_tokenizer(scored: Path, model: str | None, purpose: str):
-    """The tokenizer a scored set was scored with (`--model`, else the manifest's model), checked."""
-    from curate.models import load_tokenizer, resolve_model, tokenizer_fingerprint
-    from curate.store import StoreError, open_scored, require_tokenizer
+def _scored_tokenizer(scored: Path, model: str | None, purpose: str, check_model: bool = False):
+    """The tokenizer a scored set was scored with (`--model`, else the manifest's model), checked;
+    with `check_model`, a `--model` given must also be the model that scored the set."""
+    from curate.models import load_tokenizer, model_fingerprint, resolve_model, tokenizer_fingerprint
+    from curate.store import StoreError, open_scored, require_model, require_tokenizer
 
     try:
         manifest, _ = open_scored(scored)
-        tokenizer = load_tokenizer(resolve_model(model or manifest.meta["model"]))
+        model_dir = resolve_model(model or manifest.meta["model"])
+        tokenizer = load_tokenizer(model_dir)
         require_tokenizer(scored, manifest, tokenizer_fingerprint(tokenizer), purpose)
+        if check_model and model is not None:
+            require_model(scored, manifest, model_fingerprint(model_dir), model)
     except StoreError as error:
         raise click.ClickException(str(error)) from None
     return tokenizer
+
+
+@main.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path(exists=True, path_type=Path))
+@model_option
+@click.option("--limit", type=click.IntRange(min=1), default=3, show_default=True, help="How many rows to show, from the first.")
+@system_prompt_option
+@click.option("--train-turns", type=click.Choice(["all", "last"]), default="all", show_default=True,
+              help="Which assistant turns are targets (as for `curate score`).")
+@click.option("--max-length", type=click.IntRange(min=2), default=4096, show_default=True)
+@click.option("--prompt-field", default=None, help="Column holding the prompt (with --response-field).")
+@click.option("--response-field", default=None, help="Column holding the response.")
+@click.option("--color/--no-color", default=None, help="Force colour on or off [default: colour on a terminal].")
+@click.option("--json", "as_json", is_flag=True, help="Print the tokens as JSON, for scripts.")
+def preview(input_path, model, limit, system_prompt, train_turns, max_length, prompt_field, response_field, color, as_json):
+    """Show how the first rows of INPUT render with the model's chat template, the trained
+    tokens marked and the end-of-turn token named: the tokenizer only, nothing is scored."""
+    import json
+
+    from rich.console import Console
+
+    from curate.data import Fields
+    from curate.models import load_tokenizer, resolve_model
+    from curate.preview import preview as build_preview, render_preview
+    from curate.tokenize import ChatTokenizer
+
+    if bool(prompt_field) != bool(response_field):
+        raise click.UsageError("--prompt-field and --response-field go together")
+    with _errors_as_usage():
+        tokenizer_dir = Path(model) if model and Path(model).is_dir() else resolve_model(model)  # no weights needed
+        chat_tokenizer = ChatTokenizer(load_tokenizer(tokenizer_dir), max_length=max_length,
+                                       system_prompt=system_prompt, train_turns=train_turns)
+        items = build_preview(input_path, chat_tokenizer, Fields(prompt=prompt_field, response=response_field), limit)
+    if as_json:
+        click.echo(json.dumps({"end_of_turn": chat_tokenizer.options()["end_of_turn"], "rows": items}, ensure_ascii=False, indent=1))
+        return
+    render_preview(items, chat_tokenizer, Console(force_terminal=color, no_color=color is False, highlight=False, soft_wrap=True))
 
 
 @main.command("check-recipe")
@@ -314,7 +376,8 @@ def _scored_tokenizer(scored: Path, model: str | None, purpose: str):
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Where to write the filled-in config.")
 @click.option("--var", "variables", multiple=True, metavar="NAME=VALUE", help="Fill a recipe variable (BASE_MODEL, OUTPUT_DIR, MAX_STEPS, ...).")
 @click.option("--no-check", is_flag=True, help="Skip the tokenizer check (when the base model cannot be loaded here).")
-def check_recipe(recipe, data, output, variables, no_check):
+@allow_other_model_option
+def check_recipe(recipe, data, output, variables, no_check, allow_other_model):
     """Fill an Axolotl RECIPE for DATA and check its base model tokenizes like the data."""
     from curate.recipes import RecipeError, prepare_recipe
 
@@ -322,7 +385,7 @@ def check_recipe(recipe, data, output, variables, no_check):
     if len(pairs) != len(variables):
         raise click.BadParameter("expected NAME=VALUE", param_hint="--var")
     try:
-        written = prepare_recipe(recipe, data, pairs, output, check=not no_check)
+        written = prepare_recipe(recipe, data, pairs, output, check=not no_check, allow_other_model=allow_other_model)
     except RecipeError as error:
         raise click.ClickException(str(error)) from None
     click.echo(str(written))

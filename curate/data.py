@@ -254,13 +254,32 @@ def _text(row: int, value, field_name: str) -> str:
     return value
 
 
-def _checked_message(row: int, role, content, field_name: str) -> dict[str, str]:
+def _checked_message(row: int, role, content, field_name: str, weight=None) -> dict:
     if role not in ROLES:
-        raise RowError(row, f"unknown role {role!r} (expected one of {', '.join(ROLES)})", field=field_name)
-    content = _text(row, content, field_name)
+        hint = " (tool calls are not supported yet)" if role in ("tool", "function", "ipython") else ""
+        raise RowError(row, f"unknown role {role!r} (expected one of {', '.join(ROLES)}){hint}", field=field_name)
+    content = _text(row, _joined_parts(row, content, field_name), field_name)
     if role == "assistant" and not content.strip():
         raise RowError(row, "empty assistant response", field=field_name)
-    return {"role": role, "content": content}
+    message = {"role": role, "content": content}
+    if weight is not None:
+        if weight not in (0, 1) or isinstance(weight, str):
+            raise RowError(row, f"weight is 0 (context only) or 1 (trained), not {weight!r}", field=f"{field_name}.weight")
+        message["weight"] = int(weight)
+    return message
+
+
+def _joined_parts(row: int, content, field_name: str):
+    """OpenAI content parts (`[{"type": "text", "text": ...}, ...]`) as one text."""
+    if not isinstance(content, list):
+        return content
+    texts = []
+    for index, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise RowError(row, f"only text content parts can be trained on, not {kind!r}", field=f"{field_name}.content[{index}]")
+        texts.append(part["text"])
+    return "".join(texts)
 
 
 def _from_messages(row: int, messages, field_name: str) -> list[dict[str, str]]:
@@ -276,7 +295,7 @@ def _from_messages(row: int, messages, field_name: str) -> list[dict[str, str]]:
         where = f"{field_name}[{index}]"
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise RowError(row, "expected an object with `role` and `content`", field=where)
-        out.append(_checked_message(row, message["role"], message["content"], where))
+        out.append(_checked_message(row, message["role"], message["content"], where, message.get("weight")))
     return out
 
 

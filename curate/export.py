@@ -90,18 +90,14 @@ class ExportStats:
     self_output_prompts: int | None = None  # self-output: prompts answered correctly (or unchecked) ...
     ground_truth_fallbacks: int | None = None  # ... and prompts that fell back to the ground truth
     tokenizer: str = ""
+    model: str | None = None  # the model the set was scored with, and its fingerprint (check-recipe reads them)
+    model_fingerprint: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
 
-_READ_COLUMNS = ["id", "row", "input_ids", "logprobs", "target", "ppl"]  # what export reads of a scored shard
-
-
-def end_of_turn_ids(tokenizer) -> np.ndarray:
-    """Token ids that always stay trained when they are target tokens: the special tokens, of
-    which the end-of-turn token is the one a template puts in an answer."""
-    return np.array(sorted(set(tokenizer.all_special_ids)), dtype=np.int32)
+_READ_COLUMNS = ["id", "row", "input_ids", "logprobs", "target", "end_of_turn", "ppl"]  # what export reads of a scored shard
 
 
 def export(scored_dir: Path, output: Path, options: ExportOptions, tokenizer) -> ExportStats:
@@ -110,20 +106,20 @@ def export(scored_dir: Path, output: Path, options: ExportOptions, tokenizer) ->
     manifest, shards = open_scored(scored_dir)
     fingerprint = tokenizer_fingerprint(tokenizer)
     require_tokenizer(scored_dir, manifest, fingerprint, "export")
-    end_of_turn = end_of_turn_ids(tokenizer)
     stats = ExportStats(mode=options.mode, output=str(output), tokenizer=fingerprint,
+                        model=manifest.meta["model"], model_fingerprint=manifest.meta.get("model_fingerprint"),
                         threshold=options.threshold, mask_ratio=options.mask_ratio, per_sample_ratio=options.per_sample_ratio,
                         scoring_rejects=sum(s["n_rejects"] for s in manifest.shards))
     cutoff, ties = (None, 0)
     if options.mask_ratio is not None:
-        cutoff, ties = masking.ratio_cutoff(_all_maskable_nll(shards, end_of_turn), options.mask_ratio)
+        cutoff, ties = masking.ratio_cutoff(_all_maskable_nll(shards), options.mask_ratio)
         stats.threshold = math.exp(cutoff) if math.isfinite(cutoff) else None
 
     chosen, fallback_ids = _choose_self_output(shards) if options.mode == "self-output" else (None, set())
     totals = _Totals()
     with _TrainingWriter(output, options.with_id) as writer:
         for shard in shards:
-            batch = _Batch(pq.read_table(shard, columns=_READ_COLUMNS), end_of_turn)
+            batch = _Batch(pq.read_table(shard, columns=_READ_COLUMNS))
             if options.mode in ("ground-truth", "self-output"):
                 keep = batch.target.copy()
             elif options.threshold is not None:
@@ -134,7 +130,7 @@ def export(scored_dir: Path, output: Path, options: ExportOptions, tokenizer) ->
                 keep = masking.per_sample_keep(batch.logprobs, batch.target, batch.protected, batch.offsets, options.per_sample_ratio)
             _write_batch(batch, keep, options, writer, totals, chosen)
         if fallback_ids and options.on_wrong == "ground-truth":
-            fallbacks = _write_ground_truth(options.ground_truth, fallback_ids, fingerprint, end_of_turn, options, writer, totals)
+            fallbacks = _write_ground_truth(options.ground_truth, fallback_ids, fingerprint, options, writer, totals)
             stats.ground_truth_fallbacks = fallbacks
     if chosen is not None:
         stats.self_output_prompts = len(chosen)
@@ -156,7 +152,7 @@ def dropped_path(output: Path) -> Path:
 class _Batch:
     """One scored shard as flat numpy token buffers plus per-example offsets."""
 
-    def __init__(self, table: pa.Table, end_of_turn: np.ndarray):
+    def __init__(self, table: pa.Table):
         ids = table.column("input_ids").combine_chunks()
         self.table = table
         self.lengths = pc.list_value_length(ids).to_numpy()
@@ -164,7 +160,8 @@ class _Batch:
         self.input_ids = ids.flatten().to_numpy()
         self.logprobs = table.column("logprobs").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         self.target = table.column("target").combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(bool)
-        self.protected = self.target & np.isin(self.input_ids, end_of_turn)
+        # The end-of-turn token, as scoring found it: never masked, or the model never learns to stop.
+        self.protected = self.target & table.column("end_of_turn").combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(bool)
         self.example = np.repeat(np.arange(table.num_rows), self.lengths)
 
     def per_example(self, token_values: np.ndarray) -> np.ndarray:
@@ -280,8 +277,7 @@ def _choose_self_output(shards: list[Path]) -> tuple[dict[str, int], set[str]]:
     return chosen, set(answers["id"].to_list()) - set(chosen)
 
 
-def _write_ground_truth(scored_dir: Path, ids: set[str], fingerprint: str, end_of_turn: np.ndarray,
-                        options: ExportOptions, writer: "_TrainingWriter", totals: "_Totals") -> int:
+def _write_ground_truth(scored_dir: Path, ids: set[str], fingerprint: str, options: ExportOptions, writer: "_TrainingWriter", totals: "_Totals") -> int:
     """Append the ground-truth rows of `ids` (every target token trained) from a scored set."""
     manifest, shards = open_scored(scored_dir)
     require_tokenizer(scored_dir, manifest, fingerprint, "the self-output set")
@@ -290,7 +286,7 @@ def _write_ground_truth(scored_dir: Path, ids: set[str], fingerprint: str, end_o
         table = pq.read_table(shard, columns=_READ_COLUMNS)
         table = table.filter(pc.is_in(table.column("id"), pa.array(sorted(ids), pa.string())))
         if table.num_rows:
-            batch = _Batch(table, end_of_turn)
+            batch = _Batch(table)
             written += _write_batch(batch, batch.target, options, writer, totals)
     return written
 
@@ -299,11 +295,11 @@ def _fallback_note(options: ExportOptions) -> str:
     return ": its ground truth is used instead" if options.on_wrong == "ground-truth" else ""
 
 
-def _all_maskable_nll(shards: list[Path], end_of_turn: np.ndarray) -> np.ndarray:
+def _all_maskable_nll(shards: list[Path]) -> np.ndarray:
     """NLL of every maskable target token of the set (one float32 each), for --mask-ratio."""
     parts = []
     for shard in shards:
-        batch = _Batch(pq.read_table(shard, columns=["id", "input_ids", "logprobs", "target"]), end_of_turn)
+        batch = _Batch(pq.read_table(shard, columns=["id", "input_ids", "logprobs", "target", "end_of_turn"]))
         parts.append(-batch.logprobs[batch.target & ~batch.protected].astype(np.float32))
     return np.concatenate(parts).astype(np.float64) if parts else np.empty(0)
 

@@ -119,11 +119,12 @@ def generate_dataset(
     meta = {"kind": "generated", "input": input_fingerprint(input_path), "model": generator.model_name,
             "tokenizer": tokenizer_fingerprint(tokenizer), "backend": generator.backend, "dtype": generator.dtype,
             "fields": asdict(fields), "max_length": chat_tokenizer.max_length, "truncate": False,
+            "targets": chat_tokenizer.options(),
             "sampling": asdict(sampling), "checker": checker, "rephrase": rephrase}
     writer = ShardWriter(output_dir, meta, schema=GENERATED_SCHEMA, resume=resume, overwrite=overwrite)
 
     def prompt_ids(example: Example) -> list[int]:
-        ids = chat_tokenizer.prompt_ids(prompt_of(example, rephrase))
+        ids = chat_tokenizer.prompt_ids(prompt_of(example, rephrase), row=example.row)
         if chat_tokenizer.max_length and len(ids) + sampling.max_new_tokens > chat_tokenizer.max_length:
             raise RowError(example.row, f"prompt of {len(ids)} tokens + --max-new-tokens is over --max-length")
         return ids

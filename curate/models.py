@@ -104,3 +104,23 @@ def tokenizer_fingerprint(tokenizer) -> str:
     digest.update(json.dumps(sorted(map(str, tokenizer.all_special_tokens))).encode())
     digest.update((tokenizer.chat_template or "").encode())
     return digest.hexdigest()[:16]
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """A short hash of the model's identity: its config and, per weight file, its name, size
+    and first and last MiB. Perplexities belong to one model's weights, and a fine-tune of the
+    same architecture shares the tokenizer, so the tokenizer alone cannot tell them apart.
+    Sampling the weights (not hashing them whole) keeps this instant for a 16 GB model."""
+    model_dir = Path(model_dir)
+    digest = hashlib.sha256()
+    config = model_dir / "config.json"
+    digest.update(config.read_bytes() if config.exists() else b"")
+    weights = sorted(p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".gguf"))
+    for path in weights:
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with open(path, "rb") as handle:
+            digest.update(handle.read(2**20))
+            handle.seek(max(0, size - 2**20))
+            digest.update(handle.read(2**20))
+    return digest.hexdigest()[:16]

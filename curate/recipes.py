@@ -36,17 +36,19 @@ def render_recipe(text: str, variables: dict[str, str]) -> str:
     return _PLACEHOLDER.sub(fill, text)
 
 
-def data_tokenizer(data: Path) -> str:
-    """The tokenizer fingerprint recorded beside an exported training file."""
+def data_stats(data: Path) -> dict:
+    """The stats recorded beside an exported training file (tokenizer and model fingerprints)."""
     stats = stats_path(Path(data))
     if not stats.exists():
         raise RecipeError(f"{data}: no {stats.name} beside it; was it written by `curate export`?")
-    return json.loads(stats.read_text())["tokenizer"]
+    return json.loads(stats.read_text())
 
 
-def check_base_model(base_model: str, data: Path) -> None:
-    """Refuse a recipe whose base model tokenizes differently from the exported data."""
-    from curate.models import load_tokenizer, tokenizer_fingerprint
+def check_base_model(base_model: str, data: Path, allow_other_model: bool = False) -> None:
+    """Refuse a recipe whose base model tokenizes differently from the exported data, or
+    (for a local directory) is another model than the one that scored it."""
+    from curate.models import load_tokenizer, model_fingerprint, tokenizer_fingerprint
+    from curate.store import OTHER_MODEL_WHY
 
     try:
         if Path(base_model).is_dir():
@@ -58,13 +60,22 @@ def check_base_model(base_model: str, data: Path) -> None:
     except OSError as error:
         raise RecipeError(f"cannot load the tokenizer of base_model {base_model!r} to check it "
                           f"({error.__class__.__name__}); give a local directory as BASE_MODEL=..., or --no-check") from None
-    wanted, found = data_tokenizer(data), tokenizer_fingerprint(tokenizer)
+    stats = data_stats(data)
+    wanted, found = stats["tokenizer"], tokenizer_fingerprint(tokenizer)
     if wanted != found:
         raise RecipeError(f"{data} was scored with another tokenizer ({wanted}) than the recipe's base_model "
                           f"{base_model} ({found}); fine-tune the model you scored with, or score again with --model")
+    scored_with = stats.get("model_fingerprint")
+    if Path(base_model).is_dir() and scored_with and not allow_other_model:
+        found = model_fingerprint(Path(base_model))
+        if found != scored_with:
+            raise RecipeError(f"{data} was scored with the model {stats.get('model')} (fingerprint {scored_with}), not the "
+                              f"recipe's base_model {base_model} ({found}): {OTHER_MODEL_WHY}. Score again with "
+                              "--model, or pass --allow-other-model")
 
 
-def prepare_recipe(recipe: Path, data: Path, variables: dict[str, str], output: Path, check: bool = True) -> Path:
+def prepare_recipe(recipe: Path, data: Path, variables: dict[str, str], output: Path, check: bool = True,
+                   allow_other_model: bool = False) -> Path:
     """Render `recipe` for `data` into `output`, checked; returns the written path."""
     import yaml
 
@@ -80,7 +91,7 @@ def prepare_recipe(recipe: Path, data: Path, variables: dict[str, str], output: 
     rendered = render_recipe(recipe.read_text(), merged)
     config = yaml.safe_load(rendered)
     if check:
-        check_base_model(str(config["base_model"]), data)
+        check_base_model(str(config["base_model"]), data, allow_other_model)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(rendered)
     return output

@@ -15,6 +15,7 @@ import numpy as np
 
 from curate import masking
 from curate.stats import ppl_histogram, scored_stats, surprising_tokens
+from curate.store import open_scored
 from curate.view import TokenView, band_of, bands, select_examples, spread_indices, token_views
 
 CHARTS = ("token-ppl", "response-ppl", "threshold-curve")  # element ids, checked by the tests
@@ -91,10 +92,10 @@ def _summary_table(names, stats, threshold: float) -> str:
 
 
 def _set_section(name: str, directory: Path, tokenizer, threshold: float, examples: int, top_tokens: int) -> str:
-    special = set(tokenizer.all_special_ids)
+    end_of_turn = open_scored(directory)[0].meta["targets"]["end_of_turn"]["id"]
     tokens = surprising_tokens(directory, threshold, top=top_tokens)
     token_rows = "".join(
-        f"<tr><td><code>{html.escape(repr(tokenizer.decode([t])))}</code>{' (end of turn: kept)' if t in special else ''}</td>"
+        f"<tr><td><code>{html.escape(repr(tokenizer.decode([t])))}</code>{' (end of turn: kept)' if t == end_of_turn else ''}</td>"
         f"<td>{above:,}</td><td>{occurrences:,}</td><td>{ppl:.2f}</td></tr>"
         for t, above, occurrences, ppl in tokens.iter_rows())
     # A handful of examples spread over the set, from the most surprising response down.

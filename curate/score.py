@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from curate.data import Example, Fields, read_in_chunks
-from curate.models import tokenizer_fingerprint
+from curate.models import model_fingerprint, tokenizer_fingerprint
 from curate.scoring.base import Scorer
 from curate.store import SCORED_SCHEMA, ShardWriter, input_fingerprint
 from curate.tokenize import ChatTokenizer, TokenizedExample
@@ -42,6 +42,7 @@ def score_dataset(
     scorer: Scorer,
     chat_tokenizer: ChatTokenizer,
     model_name: str,
+    model_dir: Path | None = None,
     fields: Fields = Fields(),
     shard_rows: int = 512,
     resume: bool = False,
@@ -50,14 +51,18 @@ def score_dataset(
 ) -> ScoreSummary:
     """Score every row of `input_path` into `output_dir`; returns the run's summary.
 
-    on_progress(rows, tokens) is called after each shard, for progress bars.
+    on_progress(rows, tokens) is called after each shard, for progress bars. `model_dir`
+    (the weights scored with) is fingerprinted into the manifest, so that export can refuse
+    to pair these perplexities with another model.
     """
     started = time.perf_counter()
     meta = {
         "kind": "scored",
         "input": input_fingerprint(input_path),
         "model": model_name,
+        "model_fingerprint": model_fingerprint(model_dir) if model_dir else None,
         "tokenizer": tokenizer_fingerprint(chat_tokenizer.tokenizer),
+        "targets": chat_tokenizer.options(),
         "backend": scorer.backend,
         "dtype": scorer.dtype,
         "fields": asdict(fields),
@@ -84,6 +89,7 @@ def scored_table(examples: list[Example], tokenized: list[TokenizedExample], log
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
     flat_ids = np.concatenate([np.asarray(t.input_ids, dtype=np.int32) for t in tokenized]) if tokenized else np.empty(0, np.int32)
     flat_target = np.concatenate([np.asarray(t.target, dtype=bool) for t in tokenized]) if tokenized else np.empty(0, bool)
+    flat_end_of_turn = np.concatenate([np.asarray(t.end_of_turn, dtype=bool) for t in tokenized]) if tokenized else np.empty(0, bool)
     flat_logprobs = np.concatenate(logprobs).astype(np.float32) if tokenized else np.empty(0, np.float32)
 
     # Per-example mean NLL over target tokens (the first token has no log-probability).
@@ -104,6 +110,7 @@ def scored_table(examples: list[Example], tokenized: list[TokenizedExample], log
             pa.ListArray.from_arrays(offsets, pa.array(flat_ids)),
             pa.ListArray.from_arrays(offsets, pa.array(flat_logprobs, from_pandas=True)),  # NaN -> null
             pa.ListArray.from_arrays(offsets, pa.array(flat_target)),
+            pa.ListArray.from_arrays(offsets, pa.array(flat_end_of_turn)),
             pa.array(np.bincount(example_of_token, weights=flat_target, minlength=len(tokenized)).astype(np.int32)),
             nll_mean,
             pa.compute.exp(nll_mean),

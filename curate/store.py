@@ -17,12 +17,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-FORMAT_VERSION = 1
+# 2: `end_of_turn` per token, `weight` per message, the model's fingerprint in the manifest.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
 METADATA_KEY = b"curate"
 
-MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+# weight: Axolotl's per-message flag; 0 = context only, never trained (null = trained).
+MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string()), ("weight", pa.int8())])
 
 SCORED_SCHEMA = pa.schema(
     [
@@ -32,7 +34,8 @@ SCORED_SCHEMA = pa.schema(
         ("reference", pa.string()),
         ("input_ids", pa.list_(pa.int32())),
         ("logprobs", pa.list_(pa.float32())),  # natural log p(token | earlier tokens); null for the first
-        ("target", pa.list_(pa.bool_())),  # assistant-content tokens (and their end-of-turn token)
+        ("target", pa.list_(pa.bool_())),  # trained assistant-content tokens and their end-of-turn token
+        ("end_of_turn", pa.list_(pa.bool_())),  # the end-of-turn token after a trained turn: never masked
         ("n_target", pa.int32()),
         ("nll_mean", pa.float64()),  # mean -logprob over target tokens
         ("ppl", pa.float64()),  # exp(nll_mean): the response perplexity
@@ -73,6 +76,9 @@ def read_manifest(directory: Path) -> Manifest:
     if not path.exists():
         raise StoreError(f"{directory}: no {MANIFEST}; is this a directory written by `curate score`?")
     data = json.loads(path.read_text())
+    if data.get("format") != FORMAT_VERSION:
+        raise StoreError(f"{directory} was written by an older curate (scored format {data.get('format')}, this "
+                         f"curate reads {FORMAT_VERSION}: end-of-turn is now stored per token); score it again")
     return Manifest(meta=data["meta"], shards=data["shards"], complete=data["complete"], summary=data.get("summary", {}))
 
 
@@ -86,7 +92,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 # Options that change the output; a resumed run must use the same ones.
-_RESUME_KEYS = ("input", "model", "tokenizer", "fields", "max_length", "truncate", "kind")
+_RESUME_KEYS = ("input", "model", "model_fingerprint", "tokenizer", "targets", "fields", "max_length", "truncate", "kind")
 
 
 class ShardWriter:
@@ -151,7 +157,7 @@ class ShardWriter:
 
 
 def _file_meta(meta: dict) -> dict:
-    return {key: meta.get(key) for key in ("kind", "model", "tokenizer", "backend", "dtype")}
+    return {key: meta.get(key) for key in ("kind", "model", "model_fingerprint", "tokenizer", "backend", "dtype")}
 
 
 def _check_same_run(directory: Path, recorded: dict, wanted: dict) -> None:
@@ -187,6 +193,20 @@ def require_tokenizer(directory: Path, manifest: Manifest, fingerprint: str, pur
         raise StoreError(f"{directory} was scored with another tokenizer ({manifest.meta['tokenizer']}, model "
                          f"{manifest.meta['model']}) than the one given for {purpose} ({fingerprint}); "
                          f"use the model that was scored (--model), or score again")
+
+
+OTHER_MODEL_WHY = ("the perplexities, and so the STM masks and the self-output choices, belong to the model that "
+                   "scored them; training another model on them is not the study's method")
+
+
+def require_model(directory: Path, manifest: Manifest, fingerprint: str, model: str, allow_other: bool = False) -> None:
+    """Refuse to pair a scored set with another model than the one that scored it."""
+    recorded = manifest.meta.get("model_fingerprint")
+    if allow_other or recorded is None or recorded == fingerprint:
+        return
+    raise StoreError(f"{directory} was scored with the model {manifest.meta['model']} (fingerprint {recorded}), not "
+                     f"{model} ({fingerprint}): {OTHER_MODEL_WHY}. Score again with --model, or pass "
+                     "--allow-other-model if this is what you mean")
 
 
 def file_metadata(path: Path) -> dict:

@@ -15,10 +15,9 @@ import numpy as np
 import polars as pl
 
 from curate import masking
-from curate.export import end_of_turn_ids
 from curate.store import open_scored
 
-EXAMPLE_COLUMNS = ["id", "row", "input_ids", "logprobs", "target", "n_target", "ppl"]
+EXAMPLE_COLUMNS = ["id", "row", "input_ids", "logprobs", "target", "end_of_turn", "n_target", "ppl"]
 
 
 @dataclass(frozen=True)
@@ -43,11 +42,11 @@ class TokenView:
 
 
 def token_views(example: dict, tokenizer, threshold: float = masking.DEFAULT_THRESHOLD) -> list[TokenView]:
-    """The tokens of one scored row (a dict with `input_ids`, `logprobs`, `target`)."""
+    """The tokens of one scored row (a dict with `input_ids`, `logprobs`, `target`, `end_of_turn`)."""
     ids = np.asarray(example["input_ids"], dtype=np.int64)
     logprobs = np.array([np.nan if v is None else v for v in example["logprobs"]], dtype=np.float64)
     target = np.asarray(example["target"], dtype=bool)
-    protected = target & np.isin(ids, end_of_turn_ids(tokenizer))
+    protected = target & np.asarray(example["end_of_turn"], dtype=bool)
     keep = masking.protect(masking.threshold_keep(logprobs, target, threshold), target, protected)
     texts = token_texts(ids.tolist(), tokenizer)
     return [

@@ -16,10 +16,32 @@ import pytest  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "curate" / "samples" / "sample.jsonl"
 
+# Chat-model families whose real tokenizers and chat templates `make tokenizers` fetches
+# (tests/fetch_tokenizers.py): one folder each under $CURATE_CACHE/tokenizers.
+FAMILIES = [
+    "llama-3.1-instruct",
+    "gemma-2-it",
+    "gemma-3-it",
+    "mistral-7b-instruct-v0.3",
+    "qwen2.5-instruct",
+    "qwen3",
+    "phi-3.5-mini-instruct",
+]
+
 
 @pytest.fixture(scope="session")
 def sample_path() -> Path:
     return SAMPLE
+
+
+@pytest.fixture(scope="session")
+def family_tokenizers_dir() -> Path:
+    """The fetched family tokenizers: FAMILIES' folders, _golden/ (llama.cpp's test strings) and PROVENANCE.md."""
+    cache = Path(os.environ.get("CURATE_CACHE") or Path.home() / ".cache" / "curate").expanduser()
+    folder = cache / "tokenizers"
+    if not (folder / ".complete").is_file():
+        pytest.fail(f"the chat-model tokenizers are not fetched into {folder}: run `make tokenizers`", pytrace=False)
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -61,12 +83,12 @@ def vllm_scorer(model_dir):
 
 
 @pytest.fixture(scope="session")
-def scored_sample(tmp_path_factory, sample_path, hf_scorer, chat_tokenizer) -> Path:
+def scored_sample(tmp_path_factory, sample_path, model_dir, hf_scorer, chat_tokenizer) -> Path:
     """The bundled sample, scored once with the hf backend, for tests that read scored data."""
     from curate.score import score_dataset
 
     out = tmp_path_factory.mktemp("scored") / "sample"
-    score_dataset(sample_path, out, hf_scorer, chat_tokenizer, model_name="default")
+    score_dataset(sample_path, out, hf_scorer, chat_tokenizer, model_name="default", model_dir=model_dir)
     return out
 
 

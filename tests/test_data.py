@@ -105,3 +105,19 @@ def test_unknown_extension_is_a_clear_error(tmp_path):
     path.write_text("<x/>")
     with pytest.raises(ValueError, match="unknown input format"):
         list(read_records(path))
+
+
+def test_openai_content_parts_are_joined_and_weights_carried():
+    record = {"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "Add "}, {"type": "text", "text": "2 and 2."}]},
+        {"role": "assistant", "content": "3", "weight": 0}, {"role": "user", "content": "Again."},
+        {"role": "assistant", "content": [{"type": "text", "text": "4"}]},
+    ]}
+    example = normalise(0, record)
+    assert example.messages[0]["content"] == "Add 2 and 2." and example.messages[3]["content"] == "4"
+    assert example.messages[1]["weight"] == 0 and "weight" not in example.messages[3]
+    image = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+                          {"role": "assistant", "content": "a cat"}]}
+    with pytest.raises(RowError, match="only text content parts") as error:
+        normalise(3, image)
+    assert error.value.field == "messages[0].content[0]"

@@ -153,3 +153,28 @@ def test_examples_left_with_no_trained_token_are_dropped_with_a_reason(tmp_path,
     assert truncated > 0 and stats.dropped == {"no_trained_tokens": truncated}
     assert stats.examples_out == 6 - truncated
     assert all("no trained token left" in json.loads(line)["reason"] for line in dropped_path(out).read_text().splitlines())
+
+
+def test_export_refuses_another_model_than_the_one_that_scored(tmp_path, scored_sample, model_dir):
+    # A "fine-tune" of the same model: same tokenizer, other weights (here only the config differs).
+    other = tmp_path / "other-model"
+    other.mkdir()
+    for path in model_dir.iterdir():
+        (other / path.name).symlink_to(path)
+    (other / "config.json").unlink()
+    (other / "config.json").write_text((model_dir / "config.json").read_text().replace("{", '{"note": "fine-tuned",', 1))
+    refused = run_curate("export", scored_sample, "-o", tmp_path / "t.parquet", "--model", other, check=False)
+    assert refused.returncode != 0 and "scored with the model" in refused.stderr and "--allow-other-model" in refused.stderr
+    assert not (tmp_path / "t.parquet").exists()
+    run_curate("export", scored_sample, "-o", tmp_path / "t.parquet", "--model", other, "--allow-other-model", "--quiet")
+    run_curate("export", scored_sample, "-o", tmp_path / "same.parquet", "--model", model_dir, "--quiet")
+    assert json.loads(stats_path(tmp_path / "same.parquet").read_text())["model_fingerprint"]
+
+
+def test_a_scored_set_of_an_older_format_gets_a_clear_error(tmp_path, scored_sample, tokenizer):
+    old = tmp_path / "old"
+    shutil.copytree(scored_sample, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps(manifest | {"format": 1}))
+    with pytest.raises(StoreError, match="older curate .* score it again"):
+        export(old, tmp_path / "t.parquet", ExportOptions(mode="stm"), tokenizer)

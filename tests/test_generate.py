@@ -53,7 +53,8 @@ def test_every_prompt_gets_an_answer_with_a_verdict(generated_sample, sample_pat
     assert code["verify_reason"].str.contains("tests|timed out").all()
     assert code["verified"].sum() >= 4, "the bundled model writes some correct small functions"
     for row in answers.head(5).iter_rows(named=True):
-        assert row["messages"][-1] == {"role": "assistant", "content": row["answer"]} and row["answer"]
+        assert row["messages"][-1] | {"weight": None} == {"role": "assistant", "content": row["answer"], "weight": None}
+        assert row["answer"]
         assert row["messages"][0]["role"] in ("user", "system") and row["ground_truth"]
 
 
@@ -85,7 +86,7 @@ def test_rephrase_asks_with_the_reference_and_keeps_the_original_prompt(tmp_path
     generate_dataset(source, tmp_path / "re", hf_generator, chat_tokenizer, SamplingOptions(max_new_tokens=64), checker="auto", rephrase=True)
     answers = _answers(tmp_path / "re")
     assert answers.height == 2
-    assert answers["messages"][0].to_list()[:-1] == example.messages[:-1]
+    assert [m | {"weight": None} for m in answers["messages"][0].to_list()[:-1]] == [m | {"weight": None} for m in example.messages[:-1]]
     assert read_manifest(tmp_path / "re").meta["rephrase"] is True
 
 

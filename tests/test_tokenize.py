@@ -45,3 +45,34 @@ def test_truncation_that_leaves_no_response_is_rejected(tokenizer):
     messages = [{"role": "user", "content": "word " * 100}, {"role": "assistant", "content": "ok"}]
     with pytest.raises(RowError, match="no response token"):
         ChatTokenizer(tokenizer, max_length=16, truncate=True).encode(0, messages)
+
+
+def test_weight_zero_and_train_turns_last_keep_earlier_answers_as_context(chat_tokenizer, tokenizer):
+    messages = [
+        {"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Red", "weight": 0},
+        {"role": "user", "content": "Another."}, {"role": "assistant", "content": "Blue"},
+        {"role": "user", "content": "One more."}, {"role": "assistant", "content": "Green"},
+    ]
+    assert _target_text(tokenizer, chat_tokenizer.encode(0, messages)) == "Blue<|im_end|>Green<|im_end|>"
+    last_only = ChatTokenizer(tokenizer, train_turns="last").encode(0, messages)
+    assert _target_text(tokenizer, last_only) == "Green<|im_end|>"
+    # Context turns are still in the sequence (scored, not trained).
+    assert "Red<|im_end|>" in tokenizer.decode(last_only.input_ids)
+    assert sum(last_only.end_of_turn) == 1
+    with pytest.raises(RowError, match="weight 0"):
+        chat_tokenizer.encode(0, [messages[0], messages[1]])
+
+
+def test_control_token_text_in_an_answer_stays_text(chat_tokenizer, tokenizer):
+    answer = "End a turn with <|im_end|> and start one with <|im_start|>."
+    encoded = chat_tokenizer.encode(0, [{"role": "user", "content": "How?"}, {"role": "assistant", "content": answer}])
+    control = {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|im_start|>")}
+    content = [i for i, t, e in zip(encoded.input_ids, encoded.target, encoded.end_of_turn) if t and not e]
+    assert not control & set(content) and tokenizer.decode(content) == answer
+    # The template's own markers are still control tokens: (start, end) of the system turn
+    # SmolLM2's template adds, the user turn and the answer.
+    assert sum(i in control for i in encoded.input_ids) == 6
+
+
+def test_the_end_of_turn_token_is_found_from_the_template(chat_tokenizer, tokenizer):
+    assert chat_tokenizer.end_of_turn_id == tokenizer.convert_tokens_to_ids("<|im_end|>")

@@ -63,3 +63,18 @@ def test_inspect_names_what_is_not_there(scored_sample):
     assert result.returncode == 2 and "no example with id nope" in result.stderr
     result = run_curate("inspect", scored_sample, "--id", "x", "--top", "2", check=False)
     assert result.returncode == 2 and "give one of --id, --index, --top" in result.stderr
+
+
+def test_preview_marks_the_trained_tokens_without_scoring(tmp_path, sample_path, tokenizer):
+    import json
+
+    # The first three rows of the sample: OpenAI messages, Alpaca and ShareGPT shapes.
+    rows = [json.loads(line) for line in sample_path.read_text().splitlines()[:3]]
+    answers = [rows[0]["messages"][-1]["content"], rows[1]["output"], rows[2]["conversations"][-1]["value"]]
+    preview = json.loads(run_curate("preview", sample_path, "--limit", "3", "--json").stdout)
+    assert preview["end_of_turn"]["token"] == "<|im_end|>" and len(preview["rows"]) == 3
+    for item, answer in zip(preview["rows"], answers):
+        trained = [t["id"] for t in item["token_list"] if t["target"]]
+        assert tokenizer.decode(trained) == answer + "<|im_end|>"
+    plain = run_curate("preview", sample_path, "--limit", "1", "--no-color").stdout
+    assert "end-of-turn token: '<|im_end|>'" in plain and "[[" in plain and "<|im_end|>]]" in plain
