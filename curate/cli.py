@@ -124,6 +124,8 @@ def score(input_path, output, model, backend, dtype, max_length, truncate, syste
               help="self-output: what to do with prompts that have no verified answer.")
 @click.option("--ground-truth", "ground_truth", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="self-output with --on-wrong ground-truth: the scored ground-truth directory to fall back on.")
+@click.option("--keep-unfinished", is_flag=True,
+              help="self-output: an answer cut off at --max-new-tokens may be chosen [default: never].")
 @click.option("--threshold", type=click.FloatRange(min=0, min_open=True), default=None,
               help="STM: mask target tokens whose perplexity exp(-logprob) exceeds this [default: 2.5, the paper's τ].")
 @click.option("--mask-ratio", type=click.FloatRange(0, 1), default=None,
@@ -140,7 +142,7 @@ def score(input_path, output, model, backend, dtype, max_length, truncate, syste
 @allow_other_model_option
 @click.option("--quiet", is_flag=True, help="No summary table.")
 @click.option("--json", "as_json", is_flag=True, help="Print the stats as JSON.")
-def export(scored, output, mode, on_wrong, ground_truth, threshold, mask_ratio, per_sample_ratio, max_ppl, max_length, no_id,
+def export(scored, output, mode, on_wrong, ground_truth, keep_unfinished, threshold, mask_ratio, per_sample_ratio, max_ppl, max_length, no_id,
            model, allow_other_model, quiet, as_json):
     """Turn a scored directory into a training set Axolotl trains on as it is.
 
@@ -153,7 +155,7 @@ def export(scored, output, mode, on_wrong, ground_truth, threshold, mask_ratio, 
     try:
         options = ExportOptions(mode=mode, threshold=threshold, mask_ratio=mask_ratio, per_sample_ratio=per_sample_ratio,
                                 max_ppl=max_ppl, max_length=max_length, with_id=not no_id,
-                                on_wrong=on_wrong, ground_truth=ground_truth)
+                                on_wrong=on_wrong, ground_truth=ground_truth, keep_unfinished=keep_unfinished)
     except ValueError as error:
         raise click.UsageError(str(error)) from None
     tokenizer = _scored_tokenizer(scored, model, "export", check_model=not allow_other_model)
@@ -223,6 +225,10 @@ def _echo_comparison(directories, results) -> None:
 @click.option("--verify", "checker", type=click.Choice(["auto", "none", "math", "exact", "code"]), default="auto", show_default=True,
               help="Check each answer against the reference: math (final number), exact (normalised text), "
                    "code (run the reference's asserts, 10 s limit), auto (code or math by what the reference holds).")
+@click.option("--verify-workers", type=click.IntRange(min=1), default=None,
+              help="Answers checked at once, while the engine answers the next shard [default: one per core].")
+@click.option("--unsafe-verify", is_flag=True,
+              help="Where bubblewrap cannot start, run answers' code checks without the sandbox (resource limits only).")
 @click.option("--n", type=click.IntRange(min=1), default=1, show_default=True, help="Answers per prompt (the paper: 32).")
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0 is greedy (the paper: 0.7).")
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True, help="The paper: 0.95.")
@@ -237,11 +243,12 @@ def _echo_comparison(directories, results) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing run.")
 @click.option("--quiet", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
-def generate(input_path, output, model, backend, dtype, checker, n, temperature, top_p, max_new_tokens, seed, rephrase,
+def generate(input_path, output, model, backend, dtype, checker, verify_workers, unsafe_verify, n, temperature, top_p, max_new_tokens, seed, rephrase,
              max_length, system_prompt, reference_field, shard_rows, resume, overwrite, quiet, as_json):
     """The model's own answers to INPUT's prompts (self-output), checked against the reference."""
     from curate.data import Fields, count_rows
     from curate.generate import HFGenerator, SamplingOptions, VLLMGenerator, generate_dataset
+    from curate.sandbox import SandboxUnavailable
     from curate.models import load_tokenizer, resolve_model
     from curate.scoring.base import default_backend
     from curate.store import StoreError
@@ -261,8 +268,9 @@ def generate(input_path, output, model, backend, dtype, checker, n, temperature,
             with _progress(count_rows(input_path), quiet) as on_progress:
                 summary = generate_dataset(input_path, output, generator, chat_tokenizer, sampling, checker=checker,
                                            rephrase=rephrase, fields=Fields(reference=reference_field), shard_rows=shard_rows,
-                                           resume=resume, overwrite=overwrite, on_progress=on_progress)
-    except StoreError as error:
+                                           resume=resume, overwrite=overwrite, on_progress=on_progress,
+                                           verify_workers=verify_workers, unsafe_verify=unsafe_verify)
+    except (StoreError, SandboxUnavailable) as error:
         raise click.ClickException(str(error)) from None
     _report(summary, quiet, as_json, title="curate generate")
 

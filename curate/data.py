@@ -72,8 +72,8 @@ def read_records(path: Path, start: int = 0) -> Iterator[tuple[int, dict | RowEr
     """Yield (row, record) from row `start` on. Formats by extension or directory layout."""
     path = Path(path)
     if path.is_dir():
-        if (path / "manifest.json").exists() and any(path.glob("part-*.parquet")):
-            yield from _read_parquet_files(sorted(path.glob("part-*.parquet")), start)
+        if (path / "manifest.json").exists():
+            yield from _read_parquet_files(recorded_shards(path), start)
         else:
             yield from _read_datasets_dir(path, start)
         return
@@ -88,6 +88,14 @@ def read_records(path: Path, start: int = 0) -> Iterator[tuple[int, dict | RowEr
         yield from _read_csv(path, start, delimiter="\t" if suffix == ".tsv" else ",")
     else:
         raise ValueError(f"{path}: unknown input format {suffix!r} (use .jsonl, .json, .parquet, .csv or a `datasets` directory)")
+
+
+def recorded_shards(directory: Path) -> list[Path]:
+    """The shards of a finished curate run, as its manifest lists them: a shard it does not
+    record (a crash's leftover) is not data, and an unfinished run is refused."""
+    from curate.store import open_scored
+
+    return open_scored(directory)[1]
 
 
 def _read_jsonl(path: Path, start: int) -> Iterator[tuple[int, dict | RowError]]:
@@ -206,7 +214,7 @@ def count_rows(path: Path) -> int | None:
     if path.is_dir() and (path / "manifest.json").exists():
         import pyarrow.parquet as pq
 
-        return sum(pq.ParquetFile(p).metadata.num_rows for p in path.glob("part-*.parquet"))
+        return sum(pq.ParquetFile(p).metadata.num_rows for p in recorded_shards(path))
     return None
 
 

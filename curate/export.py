@@ -51,6 +51,7 @@ class ExportOptions:
     with_id: bool = True
     on_wrong: str = "drop"  # self-output: prompts with no verified answer are dropped, or ...
     ground_truth: Path | None = None  # ... take their ground truth from this scored directory
+    keep_unfinished: bool = False  # self-output: may an answer cut off at --max-new-tokens be chosen
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -88,7 +89,8 @@ class ExportStats:
     token_ppl_after: float | None = None
     scoring_rejects: int = 0  # rows `curate score` could not use (see its rejects.jsonl)
     self_output_prompts: int | None = None  # self-output: prompts answered correctly (or unchecked) ...
-    ground_truth_fallbacks: int | None = None  # ... and prompts that fell back to the ground truth
+    ground_truth_fallbacks: int | None = None  # ... prompts that fell back to the ground truth ...
+    prompts_dropped: int | None = None  # ... and prompts with neither (each listed in .dropped.jsonl)
     tokenizer: str = ""
     model: str | None = None  # the model the set was scored with, and its fingerprint (check-recipe reads them)
     model_fingerprint: str | None = None
@@ -115,7 +117,7 @@ def export(scored_dir: Path, output: Path, options: ExportOptions, tokenizer) ->
         cutoff, ties = masking.ratio_cutoff(_all_maskable_nll(shards), options.mask_ratio)
         stats.threshold = math.exp(cutoff) if math.isfinite(cutoff) else None
 
-    chosen, fallback_ids = _choose_self_output(shards) if options.mode == "self-output" else (None, set())
+    choice = _choose_self_output(scored_dir, shards, options.keep_unfinished) if options.mode == "self-output" else None
     totals = _Totals()
     with _TrainingWriter(output, options.with_id) as writer:
         for shard in shards:
@@ -128,13 +130,14 @@ def export(scored_dir: Path, output: Path, options: ExportOptions, tokenizer) ->
                 keep, ties = masking.cutoff_keep(batch.logprobs, batch.target, batch.protected, cutoff, ties)
             else:
                 keep = masking.per_sample_keep(batch.logprobs, batch.target, batch.protected, batch.offsets, options.per_sample_ratio)
-            _write_batch(batch, keep, options, writer, totals, chosen)
-        if fallback_ids and options.on_wrong == "ground-truth":
-            fallbacks = _write_ground_truth(options.ground_truth, fallback_ids, fingerprint, options, writer, totals)
+            _write_batch(batch, keep, options, writer, totals, choice)
+        if choice is not None:
+            stats.self_output_prompts, stats.ground_truth_fallbacks = len(choice.chosen_sources), 0
+            stats.prompts_dropped = len(choice.unanswered)
+        if choice is not None and choice.unanswered and options.on_wrong == "ground-truth":
+            fallbacks = _write_ground_truth(options.ground_truth, choice, fingerprint, options, writer, totals)
             stats.ground_truth_fallbacks = fallbacks
-    if chosen is not None:
-        stats.self_output_prompts = len(chosen)
-        stats.ground_truth_fallbacks = stats.ground_truth_fallbacks or 0
+            stats.prompts_dropped = len(choice.unanswered) - fallbacks
     totals.fill(stats)
     stats.dropped = writer.dropped_counts
     stats_path(output).write_text(stats.to_json() + "\n")
@@ -182,10 +185,10 @@ Reason = tuple[str, str]  # (short code for the counts, sentence for the dropped
 
 
 def _write_batch(batch: _Batch, keep: np.ndarray, options: ExportOptions, writer: "_TrainingWriter",
-                 totals: "_Totals", chosen: dict[str, int] | None = None) -> int:
+                 totals: "_Totals", choice: "SelfOutputChoice | None" = None) -> int:
     """Write the examples of `batch` that pass `_row_filter`, list the others as dropped, and
     count both; returns how many were written."""
-    rows_kept, reasons = _row_filter(batch, keep, options, chosen)
+    rows_kept, reasons = _row_filter(batch, keep, options, choice)
     writer.write(batch.training_table(keep).filter(pa.array(rows_kept)))
     writer.drop(batch.table, rows_kept, reasons)
     totals.add(batch, keep, rows_kept)
@@ -193,16 +196,15 @@ def _write_batch(batch: _Batch, keep: np.ndarray, options: ExportOptions, writer
 
 
 def _row_filter(batch: _Batch, keep: np.ndarray, options: ExportOptions,
-                chosen: dict[str, int] | None = None) -> tuple[np.ndarray, list[Reason | None]]:
+                choice: "SelfOutputChoice | None" = None) -> tuple[np.ndarray, list[Reason | None]]:
     """Which examples are written, and the reason for each one that is not."""
     trained = batch.per_example(keep)
     ppl = batch.table.column("ppl").to_numpy(zero_copy_only=False)
     ids, rows = batch.table.column("id").to_pylist(), batch.table.column("row").to_pylist()
     reasons: list[Reason | None] = []
     for i in range(batch.table.num_rows):
-        if chosen is not None and chosen.get(ids[i]) != rows[i]:
-            reasons.append(("not_chosen", "another answer to this prompt was chosen" if ids[i] in chosen
-                            else "no verified answer to this prompt" + _fallback_note(options)))
+        if choice is not None and rows[i] not in choice.chosen_rows:
+            reasons.append(("not_chosen", choice.why_not(rows[i], options)))
         elif options.max_length is not None and batch.lengths[i] > options.max_length:
             reasons.append(("too_long", f"{batch.lengths[i]} tokens is over --max-length {options.max_length}"))
         elif options.max_ppl is not None and ppl[i] > options.max_ppl:
@@ -260,34 +262,85 @@ def _mean(total: float, count: int) -> float | None:
     return round(total / count, 6) if count else None
 
 
-def _choose_self_output(shards: list[Path]) -> tuple[dict[str, int], set[str]]:
-    """Per prompt id, the scored row of its answer to train on: among verified answers (or
-    unchecked ones, where no checker exists) the lowest response perplexity, as in the paper.
-    Returns {id: row} and the ids with no usable answer."""
+@dataclass
+class SelfOutputChoice:
+    """Which generated answer each prompt trains on. Prompts are the source rows of the
+    generation input (two prompts may share an id); scored rows are positions in the scored set."""
+
+    chosen_rows: set[int]  # scored rows to train on, one per answered prompt
+    chosen_sources: set[int]
+    source_of: dict[int, int]  # scored row -> source row
+    unanswered: dict[int, str]  # source row -> why no answer of it was chosen
+    generation_input: dict | None  # the fingerprint of the input that was answered (rows refer to it)
+
+    def why_not(self, row: int, options: ExportOptions) -> str:
+        source = self.source_of[row]
+        if source in self.chosen_sources:
+            return "another answer to this prompt was chosen"
+        return self.unanswered[source] + _fallback_note(options)
+
+
+def _choose_self_output(scored_dir: Path, shards: list[Path], keep_unfinished: bool) -> SelfOutputChoice:
+    """As the paper chooses: per prompt, among its finished, verified answers (or unchecked
+    ones, where no checker applies) the one of lowest response perplexity. An answer cut off
+    at --max-new-tokens is never chosen unless `keep_unfinished`: repetition loops have very
+    low perplexity and would win, and would teach the model to stop mid-answer."""
     import polars as pl
 
-    verdict = pl.col("extra").str.json_path_match
+    carried = pl.col("extra").str.json_path_match  # the generated row's columns, carried through scoring
     answers = pl.scan_parquet([str(s) for s in shards]).select(
-        "id", "row", "ppl", verdict("$.verified").alias("verified"), verdict("$.verify_reason").alias("reason")).collect()
-    if answers.height and answers["reason"].is_null().all():
+        "row", "ppl", carried("$.verified").alias("verified"), carried("$.verify_reason").alias("reason"),
+        carried("$.finished").alias("finished"), carried("$.row").cast(pl.Int64).alias("source")).collect()
+    if answers.height and (answers["reason"].is_null().all() or answers["source"].is_null().any()):
         raise StoreError("these scored rows carry no generation verdicts: score the output of `curate generate` for self-output")
-    usable = answers.filter(pl.col("verified").is_null() | (pl.col("verified") == "true"))
-    best = usable.sort("ppl", nulls_last=True).group_by("id", maintain_order=True).first()
-    chosen = dict(zip(best["id"].to_list(), best["row"].to_list()))
-    return chosen, set(answers["id"].to_list()) - set(chosen)
+    checked = pl.col("verified").is_null() | (pl.col("verified") == "true")
+    finished = pl.lit(True) if keep_unfinished else pl.col("finished") == "true"
+    best = answers.filter(checked & finished).sort("ppl", nulls_last=True).group_by("source", maintain_order=True).first()
+    chosen = dict(zip(best["source"].to_list(), best["row"].to_list()))
+    unanswered = {}
+    for source, group in answers.filter(~pl.col("source").is_in(list(chosen))).group_by("source"):
+        verified_but_cut = group.filter(checked & (pl.col("finished") != "true")).height
+        unanswered[source[0]] = ("only answers cut off at --max-new-tokens were verified (--keep-unfinished allows them)"
+                                 if verified_but_cut else "no verified answer to this prompt")
+    return SelfOutputChoice(chosen_rows=set(chosen.values()), chosen_sources=set(chosen),
+                            source_of=dict(zip(answers["row"].to_list(), answers["source"].to_list())),
+                            unanswered=unanswered, generation_input=_generation_input(scored_dir))
 
 
-def _write_ground_truth(scored_dir: Path, ids: set[str], fingerprint: str, options: ExportOptions, writer: "_TrainingWriter", totals: "_Totals") -> int:
-    """Append the ground-truth rows of `ids` (every target token trained) from a scored set."""
+def _generation_input(scored_dir: Path) -> dict | None:
+    """The input `curate generate` answered, found through the scored set's own input."""
+    from curate.store import read_manifest
+
+    generated = Path(read_manifest(scored_dir).meta["input"]["path"])
+    try:
+        return read_manifest(generated).meta["input"]
+    except (StoreError, FileNotFoundError, KeyError):
+        return None
+
+
+def _write_ground_truth(scored_dir: Path, choice: SelfOutputChoice, fingerprint: str, options: ExportOptions,
+                        writer: "_TrainingWriter", totals: "_Totals") -> int:
+    """Append the ground-truth rows of the unanswered prompts (every target token trained),
+    matched by source row: the ground truth must be the scored set of the input that was answered."""
     manifest, shards = open_scored(scored_dir)
     require_tokenizer(scored_dir, manifest, fingerprint, "the self-output set")
-    written = 0
+    answered = choice.generation_input
+    if answered is None or manifest.meta["input"]["path"] != answered["path"]:
+        raise StoreError(f"--ground-truth {scored_dir} was scored from {manifest.meta['input']['path']}, but the answers "
+                         f"were generated from {answered['path'] if answered else 'an input that cannot be found'}: "
+                         "rows only match between the same input")
+    wanted = pa.array(sorted(choice.unanswered), pa.int64())
+    written, found = 0, set()
     for shard in shards:
         table = pq.read_table(shard, columns=_READ_COLUMNS)
-        table = table.filter(pc.is_in(table.column("id"), pa.array(sorted(ids), pa.string())))
+        table = table.filter(pc.is_in(table.column("row"), wanted))
         if table.num_rows:
+            found.update(table.column("row").to_pylist())
             batch = _Batch(table)
             written += _write_batch(batch, batch.target, options, writer, totals)
+    for source in sorted(set(choice.unanswered) - found):
+        writer.drop_prompt(source, f"no verified answer, and row {source} is not in the ground-truth set {scored_dir} "
+                                   "(rejected when it was scored?)")
     return written
 
 
@@ -331,6 +384,10 @@ class _TrainingWriter:
         else:
             for record in table.to_pylist():
                 self.jsonl.write(json.dumps(record) + "\n")
+
+    def drop_prompt(self, source_row: int, sentence: str) -> None:
+        self.dropped.write(json.dumps({"source_row": source_row, "reason": sentence}) + "\n")
+        self.dropped_counts["no_ground_truth"] = self.dropped_counts.get("no_ground_truth", 0) + 1
 
     def drop(self, scored: pa.Table, rows_kept: np.ndarray, reasons: list[Reason | None]) -> None:
         ids, rows = scored.column("id").to_pylist(), scored.column("row").to_pylist()

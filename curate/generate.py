@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,9 +22,9 @@ import pyarrow as pa
 
 from curate.data import Example, Fields, RowError, read_in_chunks
 from curate.models import tokenizer_fingerprint
-from curate.store import MESSAGE, ShardWriter, input_fingerprint
+from curate.store import MESSAGE, ShardWriter, input_fingerprint, refuse_overlap
 from curate.tokenize import ChatTokenizer
-from curate.verify import verify
+from curate.verify import verify_all
 
 GENERATED_SCHEMA = pa.schema(
     [
@@ -111,9 +112,15 @@ def generate_dataset(
     resume: bool = False,
     overwrite: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
+    verify_workers: int | None = None,
+    unsafe_verify: bool = False,
 ) -> GenerateSummary:
     """Answer every prompt of `input_path` into the shard directory `output_dir`, checking each
-    answer with `checker`; rows that cannot be used go to its rejects.jsonl."""
+    answer with `checker`; rows that cannot be used go to its rejects.jsonl.
+
+    A shard's answers are checked (`verify_workers` checks at a time, default one per core)
+    while the engine answers the next shard, so the engine never waits for the checker.
+    `unsafe_verify` runs code checks without the sandbox where bubblewrap cannot start."""
     started = time.perf_counter()
     tokenizer = chat_tokenizer.tokenizer
     meta = {"kind": "generated", "input": input_fingerprint(input_path), "model": generator.model_name,
@@ -121,6 +128,7 @@ def generate_dataset(
             "fields": asdict(fields), "max_length": chat_tokenizer.max_length, "truncate": False,
             "targets": chat_tokenizer.options(),
             "sampling": asdict(sampling), "checker": checker, "rephrase": rephrase}
+    refuse_overlap(input_path, output_dir)
     writer = ShardWriter(output_dir, meta, schema=GENERATED_SCHEMA, resume=resume, overwrite=overwrite)
 
     def prompt_ids(example: Example) -> list[int]:
@@ -129,26 +137,41 @@ def generate_dataset(
             raise RowError(example.row, f"prompt of {len(ids)} tokens + --max-new-tokens is over --max-length")
         return ids
 
-    for end_row, prepared, rejects in read_in_chunks(input_path, prompt_ids, fields, start=writer.next_row, size=shard_rows):
-        examples, prompts = [e for e, _ in prepared], [p for _, p in prepared]
-        samples = generator.generate(prompts, sampling) if prompts else []
-        writer.write_shard(_generated_table(examples, samples, tokenizer, checker, rephrase), rejects,
-                           end_row=end_row)
+    def commit(checked: Future, rejects: list[dict], end_row: int, rows: int, tokens: int) -> None:
+        writer.write_shard(checked.result(), rejects, end_row=end_row)
         if on_progress:
-            on_progress(len(prepared) + len(rejects), sum(len(ids) for per_prompt in samples for ids, _ in per_prompt))
+            on_progress(rows, tokens)
+
+    chunks = read_in_chunks(input_path, prompt_ids, fields, start=writer.next_row, size=shard_rows)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="curate-verify") as checking:
+        pending = None
+        for end_row, prepared, rejects in chunks:
+            examples, prompts = [e for e, _ in prepared], [p for _, p in prepared]
+            samples = generator.generate(prompts, sampling) if prompts else []
+            if pending:
+                commit(*pending)
+            checked = checking.submit(_generated_table, examples, samples, tokenizer, checker, verify_workers, unsafe_verify)
+            pending = (checked, rejects, end_row, len(prepared) + len(rejects),
+                       sum(len(ids) for per_prompt in samples for ids, _ in per_prompt))
+        if pending:
+            commit(*pending)
     summary = _summarise(output_dir, writer, time.perf_counter() - started, generator.backend)
     writer.finish(asdict(summary))
     return summary
 
 
-def _generated_table(examples, samples, tokenizer, checker: str, rephrase: bool) -> pa.Table:
+def _generated_table(examples, samples, tokenizer, checker: str, workers: int | None, unsafe: bool) -> pa.Table:
+    answers = [[tokenizer.decode(ids, skip_special_tokens=True).strip() for ids, _ in per_prompt] for per_prompt in samples]
+    verdicts = iter(verify_all(checker, [(answer, example.reference, example.extra)
+                                         for example, texts in zip(examples, answers) for answer in texts],
+                               workers=workers, unsafe=unsafe))
     rows = []
-    for example, per_prompt in zip(examples, samples):
-        prompt = prompt_of(example, rephrase=False)
+    for example, per_prompt, texts in zip(examples, samples, answers):
+        # Earlier assistant turns of a multi-turn prompt are the dataset's, not the model's: context only.
+        prompt = [{**m, "weight": 0} if m["role"] == "assistant" else m for m in prompt_of(example, rephrase=False)]
         ground_truth = [m for m in example.messages if m["role"] == "assistant"][-1]["content"]
-        for index, (ids, finished) in enumerate(per_prompt):
-            answer = tokenizer.decode(ids, skip_special_tokens=True).strip()
-            verdict = verify(checker, answer, example.reference)
+        for index, ((ids, finished), answer) in enumerate(zip(per_prompt, texts)):
+            verdict = next(verdicts)
             rows.append({"id": example.id, "row": example.row, "sample": index,
                          "messages": [*prompt, {"role": "assistant", "content": answer}],
                          "reference": example.reference, "answer": answer, "ground_truth": ground_truth,

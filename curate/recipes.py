@@ -95,3 +95,26 @@ def prepare_recipe(recipe: Path, data: Path, variables: dict[str, str], output: 
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(rendered)
     return output
+
+
+def usage_after_training(config: Path, axolotl: str = ".venv-axolotl/bin/axolotl") -> str:
+    """What `make finetune` prints once `axolotl train CONFIG` is done: where the trained
+    weights are, and how to evaluate them with curate. A LoRA adapter is merged into its
+    base model first (`axolotl merge-lora` writes OUTPUT_DIR/merged), since curate loads
+    whole models."""
+    import yaml
+
+    settings = yaml.safe_load(Path(config).read_text())
+    output_dir = Path(settings["output_dir"])
+    if settings.get("adapter"):
+        model = output_dir / "merged"
+        lines = [f"LoRA adapter: {output_dir}/adapter_model.safetensors (base model {settings['base_model']})",
+                 f"Merge it into the base model (writes {model}):",
+                 f"  {axolotl} merge-lora {config}"]
+    else:
+        model = output_dir
+        lines = [f"Fine-tuned model: {model}"]
+    lines += ["Evaluate it with curate on held-out data with `reference` answers (and the base model, to compare):",
+              f"  curate generate held-out.jsonl -o out/eval/generated --model {model}   # answers right / wrong",
+              f"  curate score held-out.jsonl -o out/eval/scored --model {model}         # perplexity of the references"]
+    return "\n".join(lines)

@@ -91,8 +91,8 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(partial, path)
 
 
-# Options that change the output; a resumed run must use the same ones.
-_RESUME_KEYS = ("input", "model", "model_fingerprint", "tokenizer", "targets", "fields", "max_length", "truncate", "kind")
+# Recorded by the writer itself, not an option of the run.
+_NOT_OPTIONS = ("started",)
 
 
 class ShardWriter:
@@ -161,10 +161,19 @@ def _file_meta(meta: dict) -> dict:
 
 
 def _check_same_run(directory: Path, recorded: dict, wanted: dict) -> None:
-    for key in _RESUME_KEYS:
-        if recorded.get(key) != wanted.get(key):
+    """Every option of the run must be the recorded one, or resumed shards would mix settings."""
+    for key in sorted(set(recorded) | set(wanted)):
+        if key not in _NOT_OPTIONS and recorded.get(key) != wanted.get(key):
             raise StoreError(f"{directory}: cannot resume, {key} differs from the recorded run "
                              f"({recorded.get(key)!r} != {wanted.get(key)!r}); use --overwrite to start again")
+
+
+def refuse_overlap(input_path: Path, output_dir: Path) -> None:
+    """An output directory that is, holds or sits inside the input would destroy it."""
+    source, target = Path(input_path).resolve(), Path(output_dir).resolve()
+    if source == target or target in source.parents or (source.is_dir() and source in target.parents):
+        raise StoreError(f"{output_dir} overlaps the input {input_path}: a run never writes into, over or "
+                         "around its own input; choose another output directory")
 
 
 def input_fingerprint(path: Path) -> dict:
@@ -182,8 +191,9 @@ def open_scored(directory: Path, require_complete: bool = True) -> tuple[Manifes
     """The manifest and shard paths of a scored directory; refuses an unfinished one."""
     manifest = read_manifest(directory)
     if require_complete and not manifest.complete:
+        command = "generate" if manifest.meta.get("kind") == "generated" else "score"
         raise StoreError(f"{directory}: the run is not finished (manifest not complete); "
-                         "finish it with `curate score ... --resume`")
+                         f"finish it with `curate {command} ... --resume`")
     return manifest, [Path(directory) / shard["file"] for shard in manifest.shards]
 
 

@@ -1,21 +1,25 @@
 """Check a generated answer against the reference, where a checker exists.
 
 Each checker returns a `Verdict`: verified True/False, or None when nothing can be
-checked, with the reason. `math` and `exact` are pure functions; `code` runs the reference
-unit tests against the answer's code in a separate, resource-limited process.
+checked, with the reason. `math` and `exact` are pure functions; `code` runs the reference's
+unit tests after the answer's code in a bubblewrap sandbox (`curate.sandbox`), and counts as
+passed only when the tests ran to their end: an answer that exits early (`sys.exit(0)`,
+`os._exit(0)`) fails.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
-import shutil
-import subprocess
-import sys
-import tempfile
+import secrets
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
+
+from curate.sandbox import Limits, run_python
 
 CHECKERS = ("auto", "none", "math", "exact", "code")
 
@@ -26,13 +30,16 @@ class Verdict:
     reason: str
 
 
-def verify(checker: str, answer: str, reference: str | None) -> Verdict:
+def verify(checker: str, answer: str, reference: str | None, extra: dict | None = None,
+           unsafe: bool = False) -> Verdict:
+    """`extra` is the row's other columns: MBPP's `test_setup_code` / `test_imports`, HumanEval's
+    `entry_point`. `unsafe=True` lets code run unsandboxed where bubblewrap cannot start."""
     if checker == "none":
         return Verdict(None, "no checker")
     if reference is None or not str(reference).strip():
         return Verdict(None, "no reference to check against")
     if checker == "auto":
-        checker = checker_for(reference)
+        checker = checker_for(reference, extra)
         if checker == "none":
             return Verdict(None, "no checker fits this reference")
     if checker == "math":
@@ -40,14 +47,23 @@ def verify(checker: str, answer: str, reference: str | None) -> Verdict:
     if checker == "exact":
         return check_exact(answer, reference)
     if checker == "code":
-        return check_code(answer, reference)
+        return check_code(answer, reference, extra, unsafe=unsafe)
     raise ValueError(f"unknown checker {checker!r} (expected one of {', '.join(CHECKERS)})")
 
 
-def checker_for(reference: str) -> str:
-    """The checker a reference calls for, for mixed datasets: unit tests (`assert` lines) are
-    code, a final number is math, anything else is left unchecked."""
-    if re.search(r"^\s*assert\b", reference, flags=re.MULTILINE):
+def verify_all(checker: str, items: Sequence[tuple[str, str | None, dict | None]], workers: int | None = None,
+               unsafe: bool = False) -> list[Verdict]:
+    """`verify` over (answer, reference, extra) items, in order, `workers` at a time [default: one per
+    CPU]. Threads suffice: each code check is its own sandboxed process."""
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        return list(pool.map(lambda item: verify(checker, *item, unsafe=unsafe), items))
+
+
+def checker_for(reference: str, extra: dict | None = None) -> str:
+    """The checker a reference calls for, for mixed datasets: unit tests (`assert` lines, a JSON
+    list of asserts, HumanEval's `def check(candidate)`) are code, a final number is math,
+    anything else is left unchecked."""
+    if code_tests(reference, extra) is not None or _HUMANEVAL_CHECK.search(reference):
         return "code"
     answer = final_answer(reference)
     if answer is not None and parse_number(answer) is not None:
@@ -133,59 +149,96 @@ def check_exact(answer: str, reference: str) -> Verdict:
 # ---------------------------------------------------------------- code
 
 CODE_TIMEOUT_S = 10.0  # the paper's limit for running the tests
-CODE_MEMORY_BYTES = 1 << 30
+CODE_LIMITS = Limits()  # 1 GiB of memory, 32 processes, 1 MiB of output
+
+_ASSERT_LINE = re.compile(r"^\s*assert\b", flags=re.MULTILINE)
+_HUMANEVAL_CHECK = re.compile(r"^def check\(", flags=re.MULTILINE)
+_FENCED_BLOCK = re.compile(r"```([^\n`]*)\n(.*?)(?:```|\Z)", flags=re.DOTALL)
+_PYTHON_LABELS = {"", "python", "py", "python3"}
 
 
 def extract_code(answer: str) -> str:
-    """The fenced code blocks of an answer (```python ...```), or the whole answer."""
-    blocks = re.findall(r"```(?:python|py)?[^\n]*\n(.*?)```", answer, flags=re.DOTALL)
-    return "\n\n".join(blocks) if blocks else answer
+    """The answer's Python: its ```python, ```py and unlabelled fenced blocks (a ```bash block is
+    not code to run), or the whole answer when it has no fences. A last block cut off before its
+    closing fence still counts."""
+    blocks = _FENCED_BLOCK.findall(answer)
+    if not blocks:
+        return answer
+    return "\n\n".join(body for label, body in blocks if (label.split() or [""])[0].lower() in _PYTHON_LABELS)
 
 
-def _limit_resources() -> None:  # runs in the child, before exec
-    import resource
-
-    resource.setrlimit(resource.RLIMIT_AS, (CODE_MEMORY_BYTES, CODE_MEMORY_BYTES))
-    resource.setrlimit(resource.RLIMIT_CPU, (int(CODE_TIMEOUT_S) + 1, int(CODE_TIMEOUT_S) + 1))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
-    resource.setrlimit(resource.RLIMIT_NPROC, (256, 256))
-
-
-def _no_network_prefix() -> list[str]:
-    """`unshare -rn` gives the child an empty network namespace where Linux allows it."""
-    unshare = shutil.which("unshare")
-    if unshare and subprocess.run([unshare, "-rn", "true"], capture_output=True).returncode == 0:
-        return [unshare, "-rn"]
-    return []
-
-
-_NETWORK_GUARD = (
-    "import socket as _s\n"
-    "def _denied(*a, **k):\n    raise OSError('network access is disabled while checking answers')\n"
-    "_s.socket = _s.create_connection = _denied\n"
-)
-
-
-def check_code(answer: str, tests: str) -> Verdict:
-    """Run `tests` (assert statements) after the answer's code, in a temporary directory,
-    with CPU, memory, file-size and process limits, no network, and a wall-clock timeout
-    after which the whole process group is killed."""
-    program = _NETWORK_GUARD + "\n" + extract_code(answer) + "\n\n" + tests + "\n"
-    with tempfile.TemporaryDirectory(prefix="curate-verify-") as workdir:
-        path = os.path.join(workdir, "candidate.py")
-        with open(path, "w") as handle:
-            handle.write(program)
-        process = subprocess.Popen(
-            [*_no_network_prefix(), sys.executable, "-I", path], cwd=workdir, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={"PATH": "/usr/bin:/bin", "HOME": workdir},
-            preexec_fn=_limit_resources, start_new_session=True)
+def code_tests(reference: str, extra: dict | None = None) -> str | None:
+    """The unit tests in a reference, as Python source, or None: `assert` lines; a JSON list of
+    assert strings (MBPP's `test_list`; the reader stores a list column as JSON text); or HumanEval's
+    `def check(candidate): ...`, run as `check(<extra["entry_point"]>)`."""
+    extra = extra or {}
+    if reference.lstrip().startswith("["):
         try:
-            _, stderr = process.communicate(timeout=CODE_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
-            process.communicate()
-            return Verdict(False, f"timed out after {CODE_TIMEOUT_S:g} s")
-    if process.returncode == 0:
+            items = json.loads(reference)
+        except ValueError:
+            items = None
+        if isinstance(items, list) and items and all(isinstance(i, str) and _ASSERT_LINE.match(i) for i in items):
+            return "\n".join(items)
+    if _HUMANEVAL_CHECK.search(reference):
+        entry_point = extra.get("entry_point")
+        if isinstance(entry_point, str) and entry_point.isidentifier():
+            return f"{reference}\n\ncheck({entry_point})\n"
+        return None
+    return reference if _ASSERT_LINE.search(reference) else None
+
+
+def setup_code(extra: dict | None) -> str:
+    """Source that runs before the answer: MBPP's `test_setup_code` and `test_imports`."""
+    extra = extra or {}
+    imports = extra.get("test_imports") or []
+    if isinstance(imports, str):
+        try:
+            imports = json.loads(imports)
+        except ValueError:
+            imports = [imports]
+    if not isinstance(imports, list):
+        imports = [imports]
+    return "\n".join([str(extra.get("test_setup_code") or ""), *map(str, imports)])
+
+
+def check_code(answer: str, reference: str, extra: dict | None = None, *, unsafe: bool = False,
+               timeout_s: float = CODE_TIMEOUT_S) -> Verdict:
+    """Run the reference's tests after the answer's code in a sandbox (see `curate.sandbox`). Passed
+    means exit status 0 AND an end-of-tests marker (a fresh random token, printed after the last
+    test) as the last line of stdout: an answer that exits before the tests ran does not pass."""
+    tests = code_tests(reference, extra)
+    if tests is None:
+        why = "no entry_point for its check(candidate)" if _HUMANEVAL_CHECK.search(reference) else "no unit tests"
+        return Verdict(None, f"reference has {why} (assert lines, a JSON list of asserts, or HumanEval's "
+                             "def check(candidate) with an entry_point)")
+    token = secrets.token_hex(16)
+    program = _test_program(setup_code(extra), extract_code(answer), tests, token)
+    result = run_python(program, timeout_s, unsafe=unsafe, limits=CODE_LIMITS)
+    if result.timed_out:
+        return Verdict(False, f"timed out after {timeout_s:g} s")
+    if result.returncode == 0 and result.stdout_tail.splitlines()[-1:] == [token]:
         return Verdict(True, "all tests passed")
-    last_line = stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"exit code {process.returncode}"]
+    if result.output_capped:
+        return Verdict(False, f"output over the {CODE_LIMITS.output_bytes} byte limit")
+    if result.returncode == 0:
+        return Verdict(False, "exited with status 0 before its tests finished")
+    last_line = result.stderr_tail.strip().splitlines()[-1:] or [f"exit code {result.returncode}"]
     return Verdict(False, f"tests failed: {last_line[0][:200]}")
+
+
+def _test_program(setup: str, code: str, tests: str, token: str) -> str:
+    """Setup, answer and tests, each compiled on its own (so an answer's syntax error or unclosed
+    string cannot swallow the tests), in one __main__ namespace, then the token. exec, compile and
+    the writers are bound before the answer runs, so that rebinding them cannot skip the tests."""
+    parts = [("<test_setup_code>", setup), ("<answer>", code), ("<tests>", tests)]
+    return (
+        "import os, sys\n"
+        "def _curate_run(parts, token, exec=exec, compile=compile, namespace=globals(),\n"
+        "                flush=sys.stdout.flush, write=os.write):\n"
+        "    for filename, source in parts:\n"
+        "        exec(compile(source, filename, 'exec'), namespace)\n"
+        "    flush()\n"
+        "    write(1, ('\\n' + token + '\\n').encode())\n"
+        "del os, sys\n"
+        f"_curate_run({parts!r}, {token!r})\n"
+    )

@@ -122,7 +122,7 @@ def test_rephrased_answers_lie_between_ground_truth_and_self_output(tmp_path, sa
 
 def test_self_output_export_drops_or_falls_back_for_wrong_answers(tmp_path, scored_generated, scored_sample, generated_sample, tokenizer):
     answers = _answers(generated_sample)
-    usable = set(answers.filter(pl.col("verified").is_null() | pl.col("verified"))["id"])
+    usable = set(answers.filter((pl.col("verified").is_null() | pl.col("verified")) & pl.col("finished"))["id"])
     wrong = set(answers["id"]) - usable
     assert usable and wrong, "the sample must hold both verified and wrong answers"
 
@@ -131,7 +131,8 @@ def test_self_output_export_drops_or_falls_back_for_wrong_answers(tmp_path, scor
     assert set(kept["id"].to_pylist()) == usable
     assert dropped.self_output_prompts == len(usable) and dropped.ground_truth_fallbacks == 0
     reasons = [json.loads(line) for line in (tmp_path / "self.dropped.jsonl").read_text().splitlines()]
-    assert {r["id"] for r in reasons} == wrong and all("no verified answer" in r["reason"] for r in reasons)
+    assert {r["id"] for r in reasons} == wrong
+    assert all(r["reason"].startswith(("no verified answer", "only answers cut off")) for r in reasons)
 
     options = ExportOptions(mode="self-output", on_wrong="ground-truth", ground_truth=scored_sample)
     stats = export(scored_generated, tmp_path / "mixed.parquet", options, tokenizer)
