@@ -30,6 +30,18 @@ def sample_token_ids(model_dir: Path, repeat: int) -> list[list[int]]:
     return ids * repeat
 
 
+def preparation_rate(model_dir: Path, repeat: int) -> float:
+    """The non-model work of scoring, on one core: render with the chat template, tokenize,
+    find the target tokens (what the prefetch thread does while the engine works)."""
+    chat = ChatTokenizer(load_tokenizer(model_dir))
+    conversations = [normalise(row, json.loads(line)).messages for row, line in enumerate(SAMPLE.read_text().splitlines())]
+    start = time.perf_counter()
+    tokens = sum(len(chat.encode(row, messages).input_ids) for _ in range(repeat) for row, messages in enumerate(conversations))
+    rate = tokens / (time.perf_counter() - start)
+    print(f"{'prepare (no model)':<28} {'':8}    {rate:10,.0f} tok/s", flush=True)
+    return rate
+
+
 def timed(label: str, fn, token_ids: list[list[int]]) -> float:
     fn(token_ids[:8])  # warm-up (first-call allocations, lazy init)
     tokens = sum(map(len, token_ids))
@@ -72,6 +84,7 @@ def main() -> None:
     hf = HFScorer(model_dir, dtype="float32")
     rates = {"bare forward (baseline)": timed("bare forward (baseline)", lambda ids: bare_forward(hf, ids), token_ids)}
     rates["hf backend"] = timed("hf backend", hf.score, token_ids)
+    rates["prepare (no model)"] = preparation_rate(model_dir, args.repeat)
     if not args.skip_vllm:
         from curate.scoring.vllm import VLLMScorer
 

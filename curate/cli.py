@@ -378,6 +378,78 @@ def preview(input_path, model, limit, system_prompt, train_turns, max_length, pr
     render_preview(items, chat_tokenizer, Console(force_terminal=color, no_color=color is False, highlight=False, soft_wrap=True))
 
 
+@main.command("eval")
+@click.argument("model", metavar="MODEL")
+@click.option("--tasks", required=True, help="Comma-separated benchmark tasks (see `curate benchmarks list`), e.g. gsm8k,mbpp,arc_easy.")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for per-task results (<task>.parquet) and results.json.")
+@click.option("--split", default="test", show_default=True, help="Which split of each task to evaluate on.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N examples of each task (quick runs).")
+@click.option("--backend", type=click.Choice(["auto", "vllm", "hf"]), default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
+@click.option("--max-length", type=click.IntRange(min=2), default=4096, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True, help="Generation tasks: answer length cap.")
+@click.option("--unsafe-verify", is_flag=True, help="Where bubblewrap cannot start, run code checks without the sandbox.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def eval_command(model, tasks, output, split, limit, backend, dtype, max_length, max_new_tokens, unsafe_verify, as_json):
+    """Score MODEL (a model directory, or `default`) on benchmark tasks: generation tasks greedy and
+    checked, multiple-choice tasks by log-likelihood, every score with a 95% bootstrap interval.
+    A LoRA adapter: merge it first (`axolotl merge-lora CONFIG`) and give the merged directory."""
+    from curate.evaluate import evaluate, task_file
+    from curate.generate import HFGenerator, VLLMGenerator
+    from curate.models import load_tokenizer, resolve_model
+    from curate.sandbox import SandboxUnavailable
+    from curate.scoring.base import default_backend, make_scorer
+    from curate.store import StoreError
+    from curate.tokenize import ChatTokenizer
+
+    model_dir = resolve_model(model)
+    try:
+        with _errors_as_usage(), _stdout_to_stderr():
+            files = {name: task_file(name, split) for name in tasks.split(",") if name}
+            chat_tokenizer = ChatTokenizer(load_tokenizer(model_dir), max_length=max_length)
+            backend = default_backend() if backend == "auto" else backend
+            scorer = make_scorer(backend, model_dir, dtype=dtype, max_length=max_length)
+            generator = VLLMGenerator(model_dir, scorer=scorer) if backend == "vllm" else HFGenerator(model_dir, dtype=dtype)
+            summary = evaluate(model_dir, files, output, scorer, generator, chat_tokenizer, limit=limit,
+                               max_new_tokens=max_new_tokens, unsafe_verify=unsafe_verify)
+    except (StoreError, SandboxUnavailable) as error:
+        raise click.ClickException(str(error)) from None
+    if as_json:
+        click.echo(summary.to_json())
+        return
+    click.echo(f"{'task':<16} {'metric':<20} {'n':>5} {'score':>7}  {'95% interval':<17} {'gold NLL':>8}")
+    for name, result in summary.tasks.items():
+        low, high = result.interval
+        gold = f"{result.gold_nll:.3f}" if result.gold_nll is not None else "-"
+        click.echo(f"{name:<16} {result.metric:<20} {result.examples:>5} {result.score:>7.3f}  [{low:.3f}, {high:.3f}]  {gold:>8}")
+
+
+@main.command()
+@click.argument("base", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("tuned", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--target", required=True, help="The task the model was fine-tuned for (its change is TI; the others make BWT).")
+@click.option("--json", "as_json", is_flag=True)
+def forgetting(base, tuned, target, as_json):
+    """TI and BWT of a fine-tune, from `curate eval` of the base model (BASE) and of the
+    fine-tuned one (TUNED) on the same examples, with paired 95% bootstrap intervals."""
+    import json
+
+    from curate.evaluate import forgetting as compute
+
+    try:
+        result = compute(base, tuned, target)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+    if as_json:
+        click.echo(json.dumps(asdict(result), indent=2))
+        return
+    click.echo(f"TI  (relative change on {target}): {result.ti:+.1%}  [{result.ti_interval[0]:+.1%}, {result.ti_interval[1]:+.1%}]")
+    click.echo(f"BWT (mean relative change elsewhere): {result.bwt:+.1%}  [{result.bwt_interval[0]:+.1%}, {result.bwt_interval[1]:+.1%}]")
+    for task, (delta, (low, high)) in result.absolute.items():
+        click.echo(f"  {task:<16} {delta:+.3f}  [{low:+.3f}, {high:+.3f}]  (absolute)")
+
+
 @main.command("check-recipe")
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--data", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The exported training file.")

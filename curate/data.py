@@ -200,6 +200,46 @@ def read_in_chunks(path: Path, prepare: Callable[[Example], T], fields: Fields =
         yield chunk[-1][0] + 1, prepared, rejects
 
 
+def prefetched(items: Iterator[T], depth: int = 1) -> Iterator[T]:
+    """`items`, produced in a background thread `depth` items ahead: the next chunk is read,
+    rendered and tokenized while the engine works on this one."""
+    import queue
+    import threading
+
+    ahead: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def offer(entry) -> bool:
+        while not stop.is_set():
+            try:
+                ahead.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not offer(("item", item)):
+                    return
+            offer(("done", None))
+        except BaseException as error:  # handed to the consumer, raised there
+            offer(("error", error))
+
+    threading.Thread(target=produce, name="curate-prefetch", daemon=True).start()
+    try:
+        while True:
+            kind, value = ahead.get()
+            if kind == "done":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+
+
 def count_rows(path: Path) -> int | None:
     """Row count for a progress bar, where it is cheap to know (None otherwise)."""
     path = Path(path)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from curate.data import Example, Fields, RowError, read_in_chunks
+from curate.data import Example, Fields, RowError, prefetched, read_in_chunks
 from curate.models import tokenizer_fingerprint
 from curate.store import MESSAGE, ShardWriter, input_fingerprint, refuse_overlap
 from curate.tokenize import ChatTokenizer
@@ -142,7 +142,7 @@ def generate_dataset(
         if on_progress:
             on_progress(rows, tokens)
 
-    chunks = read_in_chunks(input_path, prompt_ids, fields, start=writer.next_row, size=shard_rows)
+    chunks = prefetched(read_in_chunks(input_path, prompt_ids, fields, start=writer.next_row, size=shard_rows))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="curate-verify") as checking:
         pending = None
         for end_row, prepared, rejects in chunks:

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
-from curate.data import Example, Fields, read_in_chunks
+from curate.data import Example, Fields, prefetched, read_in_chunks
 from curate.models import model_fingerprint, tokenizer_fingerprint
 from curate.scoring.base import Scorer
 from curate.store import SCORED_SCHEMA, ShardWriter, input_fingerprint, refuse_overlap
@@ -71,8 +71,8 @@ def score_dataset(
     }
     refuse_overlap(input_path, output_dir)
     writer = ShardWriter(output_dir, meta, resume=resume, overwrite=overwrite)
-    chunks = read_in_chunks(input_path, lambda example: chat_tokenizer.encode(example.row, example.messages),
-                            fields, start=writer.next_row, size=shard_rows)
+    chunks = prefetched(read_in_chunks(input_path, lambda example: chat_tokenizer.encode(example.row, example.messages),
+                                       fields, start=writer.next_row, size=shard_rows))
     for end_row, prepared, rejects in chunks:
         examples, tokenized = [e for e, _ in prepared], [t for _, t in prepared]
         logprobs = scorer.score([t.input_ids for t in tokenized]) if tokenized else []

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import ROOT, run_curate
 from curate.export import ExportOptions, export
-from curate.recipes import RecipeError, prepare_recipe, render_recipe
+from curate.recipes import RecipeError, prepare_recipe, render_recipe, usage_after_training
 
 AXOLOTL_BIN = ROOT / ".venv-axolotl" / "bin"
 CPU_RECIPE = ROOT / "recipes" / "axolotl" / "smollm2-135m-instruct" / "stm.yml"
@@ -53,6 +53,24 @@ def test_a_recipe_whose_base_model_tokenizes_differently_is_refused(tmp_path, st
     refused = run_curate("check-recipe", CPU_RECIPE, "--data", stm_export, "-o", tmp_path / "c.yml",
                          "--var", f"BASE_MODEL={other}", check=False)
     assert refused.returncode == 1 and "another tokenizer" in refused.stderr
+
+
+def test_after_training_make_finetune_says_where_the_model_is_and_how_to_score_with_it(tmp_path, stm_export):
+    lora = prepare_recipe(GPU_RECIPES[0], stm_export, {"OUTPUT_DIR": str(tmp_path / "lora")}, tmp_path / "lora.yml",
+                          check=False)
+    usage = usage_after_training(lora)
+    assert f"{tmp_path / 'lora'}/adapter_model.safetensors" in usage
+    assert f"axolotl merge-lora {lora}" in usage and f"--model {tmp_path / 'lora' / 'merged'}" in usage
+    full = prepare_recipe(CPU_RECIPE, stm_export, {"OUTPUT_DIR": str(tmp_path / "full")}, tmp_path / "full.yml")
+    usage = usage_after_training(full)
+    assert "merge-lora" not in usage and f"--model {tmp_path / 'full'} " in usage
+
+
+def test_the_axolotl_environment_reports_its_versions(tmp_path):
+    report = _axolotl("python", ROOT / "recipes" / "axolotl" / "check_install.py", cwd=tmp_path).stdout
+    for package in ("axolotl 0.19.0", "torch ", "transformers ", "bitsandbytes ", "flash-attn "):
+        assert package in report
+    assert "CUDA available:" in report
 
 
 @pytest.mark.slow

@@ -53,7 +53,6 @@ LINEAR_LAYERS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 @dataclass
 class StandInRun:
-    recipe: str
     rows: Path  # the first 8 sample rows
     model_dir: Path
     data: Path  # curate's STM export
@@ -93,7 +92,7 @@ def stand_in_runs(tmp_path_factory, family_tokenizers_dir, sample_path):
         config = root / "cpu.yml"
         config.write_text(yaml.safe_dump({**settings, **CPU_OVERRIDES}, sort_keys=False))
         _axolotl("axolotl", "train", config, cwd=root)
-        runs[recipe] = StandInRun(recipe, rows, model_dir, data, config, output_dir)
+        runs[recipe] = StandInRun(rows, model_dir, data, config, output_dir)
         return runs[recipe]
 
     return run

@@ -62,11 +62,23 @@ class VLLMScorer:
 
 
 def _prompt_logprobs(ids: Sequence[int], flat) -> np.ndarray:
-    """One float32 array from vLLM's FlatLogprobs: the actual token's entry at each position."""
+    """One float32 array from vLLM's FlatLogprobs: the actual token's entry at each position.
+    With prompt_logprobs=0 that is the first entry of each position's range; numpy reads them
+    all at once, and only a position where it is not (none seen) is searched."""
     logprobs = np.full(len(ids), np.nan, dtype=np.float32)
-    for position in range(1, len(ids)):
-        start, end = flat.start_indices[position], flat.end_indices[position]
-        for k in range(start, end):
+    if len(ids) < 2:
+        return logprobs
+    starts = np.asarray(flat.start_indices[1:len(ids)], dtype=np.int64)
+    ends = np.asarray(flat.end_indices[1:len(ids)], dtype=np.int64)
+    token_ids = np.asarray(flat.token_ids, dtype=np.int64)
+    values = np.asarray(flat.logprobs, dtype=np.float32)
+    wanted = np.asarray(ids[1:], dtype=np.int64)
+    present = starts < ends
+    first = np.where(present, starts, 0)
+    found = present & (token_ids[first] == wanted) if token_ids.size else np.zeros_like(present)
+    logprobs[1:][found] = values[first[found]]
+    for position in np.flatnonzero(present & ~found) + 1:
+        for k in range(flat.start_indices[position], flat.end_indices[position]):
             if flat.token_ids[k] == ids[position]:
                 logprobs[position] = flat.logprobs[k]
                 break

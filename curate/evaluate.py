@@ -1,0 +1,241 @@
+"""`curate eval`: score a model on benchmark tasks the way the study did, with intervals.
+
+Generation tasks (GSM8K, MBPP, HumanEval, MATH) are answered greedily, one answer per prompt,
+by `generate_dataset` and checked by curate's own checkers (code in the sandbox, math by the
+final number). Multiple-choice tasks (ARC, PIQA, HellaSwag, ...) take the option whose
+answer tokens have the highest log-likelihood under the model (`acc`), and per byte of the
+option (`acc_norm`). Every task also reports the NLL of its gold answers (`gold_nll`): cheap,
+and it moves with forgetting even where a small model's accuracy is near zero.
+
+Each score comes with a 95% bootstrap interval over examples; `forgetting` turns a base and
+a fine-tuned evaluation into the study's TI (relative change on the target task) and BWT
+(mean relative change on the others), with paired bootstrap intervals.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curate.data import read_in_chunks
+from curate.tokenize import ChatTokenizer
+
+BOOTSTRAP_SAMPLES = 1000
+RESULTS = "results.json"
+
+
+@dataclass
+class TaskScore:
+    task: str
+    kind: str  # "generation" or "multiple_choice"
+    metric: str  # what `score` is: pass@1 / exact final answer / acc
+    examples: int  # examples scored (unchecked generation answers are not counted)
+    score: float
+    interval: tuple[float, float]  # 95% bootstrap interval of `score`
+    acc_norm: float | None = None  # multiple choice: accuracy by log-likelihood per byte of the option
+    gold_nll: float | None = None  # mean NLL per gold-answer token: lower is better
+    unchecked: int = 0  # generation answers no checker could decide
+
+
+@dataclass
+class EvalSummary:
+    model: str
+    tasks: dict[str, TaskScore] = field(default_factory=dict)
+    output: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def bootstrap_interval(values: np.ndarray, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of the mean of `values`, resampling examples."""
+    if values.size == 0:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, size=(samples, values.size))].mean(axis=1)
+    return (float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5)))
+
+
+def task_file(name: str, split: str = "test") -> Path:
+    """A pulled task's split file (pulled now if it is not cached yet)."""
+    from curate.benchmarks import pull
+
+    path = pull([name])[name] / f"{split}.jsonl"
+    if not path.exists():
+        splits = sorted(p.stem for p in path.parent.glob("*.jsonl"))
+        raise ValueError(f"{name} has no {split!r} split (it has: {', '.join(splits)})")
+    return path
+
+
+def evaluate(model_dir: Path, tasks: dict[str, Path], output_dir: Path, scorer, generator, chat_tokenizer: ChatTokenizer,
+             limit: int | None = None, max_new_tokens: int = 512, unsafe_verify: bool = False) -> EvalSummary:
+    """Evaluate on each task file (`curate benchmarks pull` output); per-example results go to
+    `output_dir/<task>.parquet`, the summary to `output_dir/results.json`."""
+    from curate.benchmarks import TASKS
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    summary = EvalSummary(model=str(model_dir), output=str(output_dir))
+    for name, path in tasks.items():
+        source = _limited(path, output_dir / f"{name}.input.jsonl", limit)
+        gold_nll = _gold_nll(source, scorer, chat_tokenizer)
+        if TASKS[name].kind == "multiple_choice":
+            table, score = _multiple_choice(source, scorer, chat_tokenizer, name)
+        else:
+            table, score = _generation(source, output_dir / f"{name}.generated", generator, chat_tokenizer, name,
+                                       TASKS[name].checker, max_new_tokens, unsafe_verify)
+        ids = table.column("id").to_pylist()
+        table = table.append_column("gold_nll", pa.array([gold_nll.get(i) for i in ids], pa.float64()))
+        pq.write_table(table, output_dir / f"{name}.parquet")
+        score.gold_nll = float(np.nanmean([v for v in gold_nll.values()])) if gold_nll else None
+        summary.tasks[name] = score
+    (output_dir / RESULTS).write_text(summary.to_json() + "\n")
+    return summary
+
+
+def _limited(path: Path, copy: Path, limit: int | None) -> Path:
+    """The first `limit` rows of a task file (a copy, so the generation run can resume on it)."""
+    if limit is None:
+        return Path(path)
+    with open(path, encoding="utf-8") as source:
+        lines = [line for _, line in zip(range(limit), source)]
+    if not copy.exists() or copy.read_text(encoding="utf-8") != "".join(lines):
+        copy.write_text("".join(lines), encoding="utf-8")
+    return copy
+
+
+def _generation(source: Path, generated: Path, generator, chat_tokenizer: ChatTokenizer, name: str, checker: str,
+                max_new_tokens: int, unsafe_verify: bool) -> tuple[pa.Table, TaskScore]:
+    """Greedy answers checked by the task's checker; resumable (the generated directory)."""
+    from curate.generate import SamplingOptions, generate_dataset
+    from curate.store import read_manifest
+
+    import polars as pl
+
+    # Resuming a finished run only checks that its options (the model among them) are these.
+    generate_dataset(source, generated, generator, chat_tokenizer, SamplingOptions(max_new_tokens=max_new_tokens),
+                     checker=checker, resume=(generated / "manifest.json").exists(), unsafe_verify=unsafe_verify)
+
+    answers = pl.read_parquet([str(generated / s["file"]) for s in read_manifest(generated).shards],
+                              columns=["id", "verified", "verify_reason", "finished", "n_tokens"])
+    decided = answers.filter(pl.col("verified").is_not_null())
+    correct = decided["verified"].cast(pl.Float64).to_numpy()
+    table = pa.Table.from_pydict({"id": answers["id"].to_list(), "correct": answers["verified"].to_list(),
+                                  "reason": answers["verify_reason"].to_list(), "finished": answers["finished"].to_list()})
+    metric = "pass@1" if checker == "code" else "exact final answer"
+    return table, TaskScore(task=name, kind="generation", metric=metric, examples=decided.height,
+                            score=float(correct.mean()) if correct.size else math.nan,
+                            interval=bootstrap_interval(correct), unchecked=answers.height - decided.height)
+
+
+def _multiple_choice(source: Path, scorer, chat_tokenizer: ChatTokenizer, name: str) -> tuple[pa.Table, TaskScore]:
+    """Each option as the assistant's answer to the prompt; its log-likelihood is the sum over
+    its content tokens (the end-of-turn token left out, so options compare as texts)."""
+    rows, logliks = [], []
+    for _, prepared, _ in read_in_chunks(source, lambda example: example, size=64):
+        chunk = [example.extra | {"id": example.id, "row": example.row} for example, _ in prepared]
+        encoded = [chat_tokenizer.encode(row["row"], [{"role": "user", "content": row["prompt"]},
+                                                      {"role": "assistant", "content": choice}])
+                   for row in chunk for choice in row["choices"]]
+        scored = iter(zip(scorer.score([e.input_ids for e in encoded]), encoded))
+        for row in chunk:
+            option_loglik = []
+            for _ in row["choices"]:
+                logprobs, example = next(scored)
+                content = np.asarray(example.target) & ~np.asarray(example.end_of_turn)
+                option_loglik.append(float(np.nansum(np.where(content, logprobs, 0.0))))
+            rows.append(row)
+            logliks.append(option_loglik)
+    ids, gold = [row["id"] for row in rows], [int(row["gold"]) for row in rows]
+    predicted = [int(np.argmax(ll)) for ll in logliks]
+    predicted_norm = [int(np.argmax([v / max(1, len(c.encode())) for v, c in zip(ll, row["choices"])]))
+                      for ll, row in zip(logliks, rows)]
+    correct = np.array(predicted) == np.array(gold)
+    correct_norm = np.array(predicted_norm) == np.array(gold)
+    table = pa.Table.from_pydict({"id": ids, "correct": correct.tolist(), "correct_norm": correct_norm.tolist(),
+                                  "gold": gold, "predicted": predicted, "loglik": logliks})
+    return table, TaskScore(task=name, kind="multiple_choice", metric="acc", examples=len(ids),
+                            score=float(correct.mean()) if ids else math.nan,
+                            interval=bootstrap_interval(correct.astype(float)),
+                            acc_norm=float(correct_norm.mean()) if ids else None)
+
+
+def _gold_nll(source: Path, scorer, chat_tokenizer: ChatTokenizer) -> dict[str, float]:
+    """Mean NLL per token of each example's gold answer (its assistant turn)."""
+    out = {}
+    for _, prepared, _ in read_in_chunks(source, lambda example: chat_tokenizer.encode(example.row, example.messages), size=64):
+        examples = [e for e, _ in prepared]
+        encoded = [t for _, t in prepared]
+        for example, logprobs, tokens in zip(examples, scorer.score([t.input_ids for t in encoded]), encoded):
+            target = np.asarray(tokens.target) & np.isfinite(logprobs)
+            out[example.id] = float(-logprobs[target].mean()) if target.any() else math.nan
+    return out
+
+
+# ---------------------------------------------------------------- forgetting
+
+
+@dataclass
+class Forgetting:
+    target: str
+    ti: float  # relative change on the target task
+    ti_interval: tuple[float, float]
+    bwt: float  # mean relative change on the other tasks
+    bwt_interval: tuple[float, float]
+    absolute: dict[str, tuple[float, tuple[float, float]]]  # task -> (tuned - base, 95% interval)
+
+
+def forgetting(base_dir: Path, tuned_dir: Path, target: str, samples: int = BOOTSTRAP_SAMPLES,
+               seed: int = 0) -> Forgetting:
+    """TI and BWT as the study computes them, from two `curate eval` result directories that
+    evaluated the same examples. Intervals: a paired bootstrap over each task's examples
+    (the same resampled examples for base and fine-tuned)."""
+    base, tuned = _per_example(base_dir), _per_example(tuned_dir)
+    if target not in base or set(base) != set(tuned):
+        raise ValueError(f"{base_dir} and {tuned_dir} must hold the same tasks, the target {target!r} among them")
+    rng = np.random.default_rng(seed)
+    draws, absolute = {}, {}
+    for task in base:
+        b, t = base[task], tuned[task]
+        if b.keys() != t.keys():
+            raise ValueError(f"{task}: the two evaluations scored different examples; evaluate with the same --limit")
+        keys = sorted(b)
+        bv, tv = np.array([b[k] for k in keys]), np.array([t[k] for k in keys])
+        index = rng.integers(0, len(keys), size=(samples, len(keys)))
+        draws[task] = (bv.mean(), tv.mean(), bv[index].mean(axis=1), tv[index].mean(axis=1))
+        delta = tv[index].mean(axis=1) - bv[index].mean(axis=1)
+        absolute[task] = (float(tv.mean() - bv.mean()), (float(np.percentile(delta, 2.5)), float(np.percentile(delta, 97.5))))
+
+    def relative(task, resampled: bool):
+        b, t, b_draws, t_draws = draws[task]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return (t_draws - b_draws) / b_draws if resampled else (t - b) / b
+
+    others = [task for task in base if task != target]
+    ti_draws = relative(target, True)
+    bwt_draws = np.mean([relative(task, True) for task in others], axis=0) if others else np.full(samples, np.nan)
+    return Forgetting(
+        target=target, ti=float(relative(target, False)), ti_interval=_percentiles(ti_draws),
+        bwt=float(np.mean([relative(task, False) for task in others])) if others else math.nan,
+        bwt_interval=_percentiles(bwt_draws), absolute=absolute)
+
+
+def _percentiles(values: np.ndarray) -> tuple[float, float]:
+    values = values[np.isfinite(values)]
+    return (float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))) if values.size else (math.nan, math.nan)
+
+
+def _per_example(results_dir: Path) -> dict[str, dict[str, float]]:
+    """task -> {example id: 1.0 correct / 0.0 wrong}, decided examples only."""
+    summary = json.loads((Path(results_dir) / RESULTS).read_text())
+    out = {}
+    for task in summary["tasks"]:
+        table = pq.read_table(Path(results_dir) / f"{task}.parquet", columns=["id", "correct"]).to_pylist()
+        out[task] = {row["id"]: float(row["correct"]) for row in table if row["correct"] is not None}
+    return out

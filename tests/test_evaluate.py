@@ -1,0 +1,99 @@
+"""`curate eval` and `curate forgetting`: benchmark scores on real benchmark rows, and the
+study's TI/BWT, checked against recomputations from the per-example results."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import run_curate
+from curate.evaluate import RESULTS, evaluate, forgetting, task_file
+
+LIMIT = 4
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, model_dir, vllm_scorer, chat_tokenizer):
+    from curate.generate import VLLMGenerator
+
+    out = tmp_path_factory.mktemp("eval")
+    tasks = {name: task_file(name) for name in ("gsm8k", "mbpp", "arc_easy")}
+    summary = evaluate(model_dir, tasks, out, vllm_scorer, VLLMGenerator(model_dir, scorer=vllm_scorer), chat_tokenizer,
+                       limit=LIMIT, max_new_tokens=128)
+    return out, summary
+
+
+@pytest.mark.slow
+def test_every_task_scores_its_first_rows_with_an_interval(evaluated):
+    out, summary = evaluated
+    saved = json.loads((out / RESULTS).read_text())
+    assert set(saved["tasks"]) == {"gsm8k", "mbpp", "arc_easy"}
+    for name, result in summary.tasks.items():
+        rows = pq.read_table(out / f"{name}.parquet").to_pylist()
+        assert len(rows) == LIMIT
+        decided = [float(r["correct"]) for r in rows if r["correct"] is not None]
+        assert result.examples == len(decided) and result.score == pytest.approx(np.mean(decided))
+        low, high = result.interval
+        assert low <= result.score <= high
+        assert all(r["gold_nll"] > 0 for r in rows) and result.gold_nll > 0
+    # The code task's answers went through the sandboxed checker.
+    reasons = [r["reason"] for r in pq.read_table(out / "mbpp.parquet").to_pylist()]
+    assert all(r == "all tests passed" or r.startswith(("tests failed", "timed out", "exited")) for r in reasons)
+
+
+@pytest.mark.slow
+def test_multiple_choice_log_likelihoods_match_a_direct_computation(evaluated, model_dir, tokenizer):
+    """Each option's log-likelihood, recomputed with plain transformers from the chat template."""
+    from transformers import AutoModelForCausalLM
+
+    out, _ = evaluated
+    result = pq.read_table(out / "arc_easy.parquet").to_pylist()[0]
+    row = json.loads(task_file("arc_easy").read_text().splitlines()[0])
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    prompt = [{"role": "user", "content": row["prompt"]}]
+    start = len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False))
+    for choice, stored in zip(row["choices"], result["loglik"]):
+        text = tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": choice}], tokenize=False)
+        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = torch.tensor([encoding["input_ids"]])
+        end = text.index("<|im_end|>", start)
+        answer = [i for i, (a, b) in enumerate(encoding["offset_mapping"]) if b > start and a < end]
+        with torch.inference_mode():
+            logprobs = torch.log_softmax(model(ids).logits[0], dim=-1)
+        expected = sum(float(logprobs[i - 1, ids[0, i]]) for i in answer)
+        assert stored == pytest.approx(expected, abs=2e-2)
+    assert result["predicted"] == int(np.argmax(result["loglik"]))
+
+
+def _results(directory, correct: dict[str, list[int]]):
+    """A `curate eval` result directory holding the given per-example outcomes."""
+    directory.mkdir()
+    tasks = {}
+    for task, values in correct.items():
+        pq.write_table(pa.table({"id": [f"{task}-{i}" for i in range(len(values))], "correct": [bool(v) for v in values]}),
+                       directory / f"{task}.parquet")
+        tasks[task] = {"score": float(np.mean(values))}
+    (directory / RESULTS).write_text(json.dumps({"model": "x", "tasks": tasks}))
+    return directory
+
+
+def test_ti_and_bwt_are_the_studys_relative_changes(tmp_path):
+    base = _results(tmp_path / "base", {"mbpp": [1, 0, 0, 1, 0, 0, 0, 0], "gsm8k": [1, 1, 0, 0], "arc": [1, 1, 1, 0, 1, 0]})
+    tuned = _results(tmp_path / "tuned", {"mbpp": [1, 1, 0, 1, 1, 0, 0, 0], "gsm8k": [1, 0, 0, 0], "arc": [1, 1, 1, 0, 1, 1]})
+    result = forgetting(base, tuned, "mbpp")
+    assert result.ti == pytest.approx((4 / 8 - 2 / 8) / (2 / 8))  # +100%
+    assert result.bwt == pytest.approx(((1 / 4 - 2 / 4) / (2 / 4) + (5 / 6 - 4 / 6) / (4 / 6)) / 2)
+    assert result.absolute["gsm8k"][0] == pytest.approx(-0.25)
+    assert result.ti_interval[0] <= result.ti <= result.ti_interval[1]
+    shown = run_curate("forgetting", base, tuned, "--target", "mbpp", "--json").stdout
+    assert json.loads(shown)["ti"] == pytest.approx(1.0)
+
+
+def test_forgetting_refuses_evaluations_of_different_examples(tmp_path):
+    base = _results(tmp_path / "base", {"mbpp": [1, 0], "arc": [1, 0]})
+    tuned = _results(tmp_path / "tuned", {"mbpp": [1, 0, 1], "arc": [1, 0]})
+    with pytest.raises(ValueError, match="different examples"):
+        forgetting(base, tuned, "mbpp")
