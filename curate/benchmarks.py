@@ -16,7 +16,7 @@ tasks one trains on, `train.jsonl` and `validation.jsonl`), with PROVENANCE.md a
 
 - generation: `id`, `messages` [user prompt, assistant gold solution], `reference` (what the
   checker compares with: GSM8K's final number, MBPP's test list, HumanEval's `check` function,
-  MATH's answer) and the checker's fields (`test_setup_code`, `test_imports`, `entry_point`).
+  MATH's final answer as `\\boxed{...}`) and the checker's fields (`test_setup_code`, `test_imports`, `entry_point`).
 - multiple choice: `id`, `prompt` (the task's zero-shot prompt), `choices` (continuations, each
   with its leading space), `gold` (index), and `messages` [prompt, gold choice] so that
   `curate score`/`preview` read the rows too.
@@ -123,9 +123,11 @@ def humaneval_row(doc: dict) -> dict:
 
 
 def math_row(doc: dict, row_id: str) -> dict:
-    """`answer` is Minerva's normalised final answer (what OLMES's exact match compares); many are
-    not numbers, and the math checker leaves those unchecked."""
-    return {"id": row_id, "messages": _chat(doc["problem"], doc["solution"]), "reference": doc["answer"]}
+    """The reference is Minerva's normalised final answer (what OLMES's exact match compares) inside
+    `\\boxed{}`: curate's math checker reads a boxed reference whole, where a bare one would give it
+    its last number (`\\frac{9}{7}` -> 7). Many answers are not numbers; the checker leaves those
+    unchecked."""
+    return {"id": row_id, "messages": _chat(doc["problem"], doc["solution"]), "reference": f"\\boxed{{{doc['answer']}}}"}
 
 
 def choice_row(row_id: str, prompt: str, choices: list[str], gold: int, **extra) -> dict:

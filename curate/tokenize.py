@@ -237,17 +237,19 @@ class _MarkerTokenizer:
         specials = {token.content: token_id for token_id, token in tokenizer.added_tokens_decoder.items() if token.special}
         specials.update({token: tokenizer.convert_tokens_to_ids(token) for token in tokenizer.all_special_tokens})
         self.special_ids = set(specials.values())
+        self._names = {}  # special-token text -> its private name (only tokens the backend splits out)
         for added in backend.get("added_tokens", []):
             if added["content"] in specials:
-                added["content"] = _SENTINEL.format(added["id"])
+                private = _SENTINEL.format(added["id"])
+                self._names[added["content"]] = private
+                added["content"] = private
         self.backend = Tokenizer.from_str(json.dumps(backend))
         self.backend.no_truncation()
         self.backend.no_padding()
         self._private_ids = {self.backend.token_to_id(_SENTINEL.format(i)): i for i in self.special_ids}
         self._private_ids.pop(None, None)
         # Longest first, as the tokenizer itself matches added tokens.
-        self._pattern = re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)))
-        self._names = {content: _SENTINEL.format(token_id) for content, token_id in specials.items()}
+        self._pattern = re.compile("|".join(re.escape(s) for s in sorted(self._names, key=len, reverse=True)) or "(?!)")
 
     def text(self, pieces: list[str | int]) -> tuple[str, dict[int, tuple[int, int]]]:
         """The text the copy tokenizes, and where each message's content lies in it."""

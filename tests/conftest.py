@@ -13,20 +13,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
+import fetch_tokenizers  # noqa: E402  (tests/, on the path as conftest's folder)
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "curate" / "samples" / "sample.jsonl"
 
-# Chat-model families whose real tokenizers and chat templates `make tokenizers` fetches
-# (tests/fetch_tokenizers.py): one folder each under $CURATE_CACHE/tokenizers.
-FAMILIES = [
-    "llama-3.1-instruct",
-    "gemma-2-it",
-    "gemma-3-it",
-    "mistral-7b-instruct-v0.3",
-    "qwen2.5-instruct",
-    "qwen3",
-    "phi-3.5-mini-instruct",
-]
+# Chat-model families whose real tokenizers and chat templates `make tokenizers` fetches:
+# one folder each under $CURATE_CACHE/tokenizers.
+FAMILIES = list(fetch_tokenizers.FAMILIES)
 
 
 @pytest.fixture(scope="session")
