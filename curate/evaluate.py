@@ -140,8 +140,9 @@ def _multiple_choice(source: Path, scorer, chat_tokenizer: ChatTokenizer, name: 
     rows, logliks = [], []
     for _, prepared, _ in read_in_chunks(source, lambda example: example, size=64):
         chunk = [example.extra | {"id": example.id, "row": example.row} for example, _ in prepared]
+        # The options as answers (OLMES's leading space belongs to a raw-text continuation, not a turn).
         encoded = [chat_tokenizer.encode(row["row"], [{"role": "user", "content": row["prompt"]},
-                                                      {"role": "assistant", "content": choice}])
+                                                      {"role": "assistant", "content": choice.strip()}])
                    for row in chunk for choice in row["choices"]]
         scored = iter(zip(scorer.score([e.input_ids for e in encoded]), encoded))
         for row in chunk:
@@ -154,7 +155,7 @@ def _multiple_choice(source: Path, scorer, chat_tokenizer: ChatTokenizer, name: 
             logliks.append(option_loglik)
     ids, gold = [row["id"] for row in rows], [int(row["gold"]) for row in rows]
     predicted = [int(np.argmax(ll)) for ll in logliks]
-    predicted_norm = [int(np.argmax([v / max(1, len(c.encode())) for v, c in zip(ll, row["choices"])]))
+    predicted_norm = [int(np.argmax([v / max(1, len(c.strip().encode())) for v, c in zip(ll, row["choices"])]))
                       for ll, row in zip(logliks, rows)]
     correct = np.array(predicted) == np.array(gold)
     correct_norm = np.array(predicted_norm) == np.array(gold)

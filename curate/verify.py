@@ -187,10 +187,9 @@ def code_tests(reference: str, extra: dict | None = None) -> str | None:
     return reference if _ASSERT_LINE.search(reference) else None
 
 
-def setup_code(extra: dict | None) -> str:
-    """Source that runs before the answer: MBPP's `test_setup_code` and `test_imports`."""
-    extra = extra or {}
-    imports = extra.get("test_imports") or []
+def test_imports(extra: dict | None) -> str:
+    """MBPP's `test_imports`: they run before the answer, which may rely on them."""
+    imports = (extra or {}).get("test_imports") or []
     if isinstance(imports, str):
         try:
             imports = json.loads(imports)
@@ -198,7 +197,13 @@ def setup_code(extra: dict | None) -> str:
             imports = [imports]
     if not isinstance(imports, list):
         imports = [imports]
-    return "\n".join([str(extra.get("test_setup_code") or ""), *map(str, imports)])
+    return "\n".join(map(str, imports))
+
+
+def setup_code(extra: dict | None) -> str:
+    """MBPP's `test_setup_code`: it runs after the answer and before the tests, as in MBPP's own
+    harness (problem 367's setup builds trees with the answer's `class Node`)."""
+    return str((extra or {}).get("test_setup_code") or "")
 
 
 def check_code(answer: str, reference: str, extra: dict | None = None, *, unsafe: bool = False,
@@ -212,7 +217,7 @@ def check_code(answer: str, reference: str, extra: dict | None = None, *, unsafe
         return Verdict(None, f"reference has {why} (assert lines, a JSON list of asserts, or HumanEval's "
                              "def check(candidate) with an entry_point)")
     token = secrets.token_hex(16)
-    program = _test_program(setup_code(extra), extract_code(answer), tests, token)
+    program = _test_program(test_imports(extra), extract_code(answer), setup_code(extra), tests, token)
     result = run_python(program, timeout_s, unsafe=unsafe, limits=CODE_LIMITS)
     if result.timed_out:
         return Verdict(False, f"timed out after {timeout_s:g} s")
@@ -226,11 +231,12 @@ def check_code(answer: str, reference: str, extra: dict | None = None, *, unsafe
     return Verdict(False, f"tests failed: {last_line[0][:200]}")
 
 
-def _test_program(setup: str, code: str, tests: str, token: str) -> str:
-    """Setup, answer and tests, each compiled on its own (so an answer's syntax error or unclosed
-    string cannot swallow the tests), in one __main__ namespace, then the token. exec, compile and
-    the writers are bound before the answer runs, so that rebinding them cannot skip the tests."""
-    parts = [("<test_setup_code>", setup), ("<answer>", code), ("<tests>", tests)]
+def _test_program(imports: str, code: str, setup: str, tests: str, token: str) -> str:
+    """Imports, answer, setup and tests, each compiled on its own (so an answer's syntax error or
+    unclosed string cannot swallow the tests), in one __main__ namespace, then the token. exec,
+    compile and the writers are bound before the answer runs, so that rebinding them cannot skip
+    the tests."""
+    parts = [("<test_imports>", imports), ("<answer>", code), ("<test_setup_code>", setup), ("<tests>", tests)]
     return (
         "import os, sys\n"
         "def _curate_run(parts, token, exec=exec, compile=compile, namespace=globals(),\n"

@@ -56,7 +56,7 @@ def test_multiple_choice_log_likelihoods_match_a_direct_computation(evaluated, m
     prompt = [{"role": "user", "content": row["prompt"]}]
     start = len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False))
     for choice, stored in zip(row["choices"], result["loglik"]):
-        text = tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": choice}], tokenize=False)
+        text = tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": choice.strip()}], tokenize=False)
         encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = torch.tensor([encoding["input_ids"]])
         end = text.index("<|im_end|>", start)
