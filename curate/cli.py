@@ -40,6 +40,10 @@ system_prompt_option = click.option(
     help="keep: pass system messages to the template; merge: fold them into the first user turn (for templates "
          "without a system role, e.g. Gemma-2); drop: remove them.")
 
+train_turns_option = click.option(
+    "--train-turns", type=click.Choice(["all", "last"]), default="all", show_default=True,
+    help="Which assistant turns are targets; the others stay context. A message's `weight: 0` also keeps it out.")
+
 allow_other_model_option = click.option(
     "--allow-other-model", is_flag=True,
     help="Use a scored set with another model than the one that scored it (its perplexities belong to that model).")
@@ -69,8 +73,7 @@ def models(prepare: bool) -> None:
               help="Longest example in tokens; longer ones are rejected unless --truncate.")
 @click.option("--truncate", is_flag=True, help="Keep the first --max-length tokens of over-long examples (marked `truncated`).")
 @system_prompt_option
-@click.option("--train-turns", type=click.Choice(["all", "last"]), default="all", show_default=True,
-              help="Which assistant turns are targets; the others stay context. A message's `weight: 0` also keeps it out.")
+@train_turns_option
 @click.option("--prompt-field", default=None, help="Column holding the prompt (with --response-field), instead of shape detection.")
 @click.option("--response-field", default=None, help="Column holding the response.")
 @click.option("--reference-field", default="reference", show_default=True, help="Column holding the checkable reference answer.")
@@ -346,8 +349,7 @@ def _scored_tokenizer(scored: Path, model: str | None, purpose: str, check_model
 @model_option
 @click.option("--limit", type=click.IntRange(min=1), default=3, show_default=True, help="How many rows to show, from the first.")
 @system_prompt_option
-@click.option("--train-turns", type=click.Choice(["all", "last"]), default="all", show_default=True,
-              help="Which assistant turns are targets (as for `curate score`).")
+@train_turns_option
 @click.option("--max-length", type=click.IntRange(min=2), default=4096, show_default=True)
 @click.option("--prompt-field", default=None, help="Column holding the prompt (with --response-field).")
 @click.option("--response-field", default=None, help="Column holding the response.")

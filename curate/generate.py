@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from curate.data import Example, Fields, RowError, prefetched, read_in_chunks
 from curate.models import tokenizer_fingerprint
-from curate.store import MESSAGE, ShardWriter, input_fingerprint, refuse_overlap
+from curate.store import MESSAGE, ShardWriter, input_fingerprint
 from curate.tokenize import ChatTokenizer
 from curate.verify import verify_all
 
@@ -128,7 +128,6 @@ def generate_dataset(
             "fields": asdict(fields), "max_length": chat_tokenizer.max_length, "truncate": False,
             "targets": chat_tokenizer.options(),
             "sampling": asdict(sampling), "checker": checker, "rephrase": rephrase}
-    refuse_overlap(input_path, output_dir)
     writer = ShardWriter(output_dir, meta, schema=GENERATED_SCHEMA, resume=resume, overwrite=overwrite)
 
     def prompt_ids(example: Example) -> list[int]:

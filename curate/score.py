@@ -15,7 +15,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 from curate.data import Example, Fields, prefetched, read_in_chunks
 from curate.models import model_fingerprint, tokenizer_fingerprint
 from curate.scoring.base import Scorer
-from curate.store import SCORED_SCHEMA, ShardWriter, input_fingerprint, refuse_overlap
+from curate.store import SCORED_SCHEMA, ShardWriter, input_fingerprint
 from curate.tokenize import ChatTokenizer, TokenizedExample
 
 
@@ -69,7 +69,6 @@ def score_dataset(
         "max_length": chat_tokenizer.max_length,
         "truncate": chat_tokenizer.truncate,
     }
-    refuse_overlap(input_path, output_dir)
     writer = ShardWriter(output_dir, meta, resume=resume, overwrite=overwrite)
     chunks = prefetched(read_in_chunks(input_path, lambda example: chat_tokenizer.encode(example.row, example.messages),
                                        fields, start=writer.next_row, size=shard_rows))

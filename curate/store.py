@@ -100,6 +100,8 @@ class ShardWriter:
 
     def __init__(self, directory: Path, meta: dict, schema: pa.Schema = SCORED_SCHEMA, resume: bool = False, overwrite: bool = False):
         self.directory = Path(directory)
+        if "input" in meta:  # the one place that writes a run: it never writes into, over or around its input
+            refuse_overlap(Path(meta["input"]["path"]), self.directory)
         self.schema = schema.with_metadata({METADATA_KEY: json.dumps(_file_meta(meta)).encode()})
         existing = self.directory / MANIFEST
         if existing.exists() and resume:
