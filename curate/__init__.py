@@ -2,7 +2,7 @@
 
 The library's faces, imported lazily (the command line starts without torch):
 
-    from curate import ChatTokenizer, ExportOptions, export_training_set, make_scorer, score_dataset
+    from curate import ChatTokenizer, make_engine, score_conversations, score_dataset, export_training_set
 """
 
 __version__ = "0.1.0"
@@ -11,12 +11,14 @@ __version__ = "0.1.0"
 # shadowed by that submodule once imported, so those two are exported under longer names.
 _EXPORTS = {
     "ChatTokenizer": ("curate.tokenize", "ChatTokenizer"),
-    "make_scorer": ("curate.scoring.base", "make_scorer"),
+    "make_engine": ("curate.engines.base", "make_engine"),
+    "EngineSettings": ("curate.engines.base", "EngineSettings"),
+    "SamplingOptions": ("curate.engines.base", "SamplingOptions"),
+    "RayEngines": ("curate.engines.cluster", "RayEngines"),
+    "RayOptions": ("curate.engines.cluster", "RayOptions"),
+    "score_conversations": ("curate.score", "score_conversations"),
     "score_dataset": ("curate.score", "score_dataset"),
     "generate_dataset": ("curate.generate", "generate_dataset"),
-    "SamplingOptions": ("curate.generate", "SamplingOptions"),
-    "HFGenerator": ("curate.generate", "HFGenerator"),
-    "VLLMGenerator": ("curate.generate", "VLLMGenerator"),
     "export_training_set": ("curate.export", "export"),
     "ExportOptions": ("curate.export", "ExportOptions"),
     "evaluate_model": ("curate.evaluate", "evaluate"),

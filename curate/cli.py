@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from contextlib import contextmanager
@@ -44,6 +45,68 @@ train_turns_option = click.option(
     "--train-turns", type=click.Choice(["all", "last"]), default="all", show_default=True,
     help="Which assistant turns are targets; the others stay context. A message's `weight: 0` also keeps it out.")
 
+def engine_options(ray: bool = False):
+    """The engine's options (backend, dtype, GPU settings; with `ray`, the Ray ones too), handed to
+    the command as one `engine_choice` (see `_engine`). The command's --max-length is the engine's too."""
+    options = [
+        click.option("--backend", type=click.Choice(["auto", "vllm", "hf"]), default="auto", show_default=True,
+                     help="auto: vllm where installed, else hf (transformers)."),
+        click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+                     show_default=True, help="auto: float32 on CPU, bfloat16 on GPU."),
+        click.option("--tensor-parallel-size", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="vLLM: GPUs one engine spans (a model too large for one GPU)."),
+        click.option("--gpu-memory-utilization", type=click.FloatRange(0, 1, min_open=True), default=None,
+                     help="vLLM: share of each GPU's memory the engine may take [default: vLLM's, 0.9]."),
+        click.option("--max-num-seqs", type=click.IntRange(min=1), default=None,
+                     help="Sequences per engine step [default: vLLM's; hf generation: 16]."),
+        click.option("--max-num-batched-tokens", type=click.IntRange(min=1), default=None,
+                     help="Tokens per engine step [default: as many as keep the prompt-logprob logits under 2 GiB "
+                          "for the model's vocabulary, 512-16384; hf: 8192]."),
+    ]
+    if ray:
+        options += [
+            click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+                         help="Run on a Ray cluster: `--ray` alone starts a local one (all GPUs of this node); "
+                              "ADDRESS (auto, HOST:PORT, ray://HOST:10001) joins a running one. Needs curate[ray]."),
+            click.option("--replicas", type=click.IntRange(min=1), default=None,
+                         help="--ray: engines to run [default: one per --gpus-per-replica GPUs, 1 without GPUs]."),
+            click.option("--gpus-per-replica", type=click.FloatRange(min=0), default=None,
+                         help="--ray: GPUs each engine holds [default: --tensor-parallel-size where there are GPUs]."),
+        ]
+
+    def decorate(command):
+        @functools.wraps(command)
+        def with_engine_choice(*args, **kwargs):
+            from curate.engines.base import EngineSettings
+
+            settings = EngineSettings(
+                dtype=kwargs.pop("dtype"), max_model_len=kwargs["max_length"],
+                tensor_parallel_size=kwargs.pop("tensor_parallel_size"),
+                gpu_memory_utilization=kwargs.pop("gpu_memory_utilization"), max_num_seqs=kwargs.pop("max_num_seqs"),
+                max_num_batched_tokens=kwargs.pop("max_num_batched_tokens"))
+            ray_options = None
+            if ray:
+                from curate.engines.cluster import RayOptions
+
+                address, replicas, gpus = kwargs.pop("ray_address"), kwargs.pop("replicas"), kwargs.pop("gpus_per_replica")
+                if address is None and (replicas or gpus is not None):
+                    raise click.UsageError("--replicas and --gpus-per-replica go with --ray")
+                if address is not None:
+                    ray_options = RayOptions(address=None if address == "local" else address, replicas=replicas,
+                                             gpus_per_replica=gpus)
+            return command(*args, engine_choice=(kwargs.pop("backend"), settings, ray_options), **kwargs)
+
+        for option in reversed(options):
+            with_engine_choice = option(with_engine_choice)
+        return with_engine_choice
+
+    return decorate
+
+
+limit_option = click.option("--limit", type=click.IntRange(min=1), default=None,
+                            help="Only the first N input rows (to try a command; recorded, so --resume keeps it).")
+
+
 allow_other_model_option = click.option(
     "--allow-other-model", is_flag=True,
     help="Use a scored set with another model than the one that scored it (its perplexities belong to that model).")
@@ -65,10 +128,7 @@ def models(prepare: bool) -> None:
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory for the Parquet shards, manifest.json and rejects.jsonl.")
 @model_option
-@click.option("--backend", type=click.Choice(["auto", "vllm", "hf"]), default="auto", show_default=True,
-              help="auto: vllm where installed, else hf (transformers).")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
-              help="auto: float32 on CPU, bfloat16 on GPU.")
+@engine_options(ray=True)
 @click.option("--max-length", type=click.IntRange(min=2), default=4096, show_default=True,
               help="Longest example in tokens; longer ones are rejected unless --truncate.")
 @click.option("--truncate", is_flag=True, help="Keep the first --max-length tokens of over-long examples (marked `truncated`).")
@@ -78,23 +138,24 @@ def models(prepare: bool) -> None:
 @click.option("--response-field", default=None, help="Column holding the response.")
 @click.option("--reference-field", default="reference", show_default=True, help="Column holding the checkable reference answer.")
 @click.option("--shard-rows", type=click.IntRange(min=1), default=512, show_default=True,
-              help="Input rows per Parquet shard (the unit of --resume).")
+              help="Input rows per Parquet shard (the unit of --resume and of work on Ray).")
+@limit_option
 @click.option("--resume", is_flag=True, help="Finish an interrupted run, keeping its completed shards.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in the output directory.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary table.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def score(input_path, output, model, backend, dtype, max_length, truncate, system_prompt, train_turns, prompt_field,
-          response_field, reference_field, shard_rows, resume, overwrite, quiet, as_json) -> None:
+def score(input_path, output, model, engine_choice, max_length, truncate, system_prompt, train_turns, prompt_field,
+          response_field, reference_field, shard_rows, limit, resume, overwrite, quiet, as_json) -> None:
     """Annotate every token of INPUT with its log-probability under the model.
 
     INPUT: .jsonl, .json, .parquet, .csv, or a `datasets` save_to_disk directory, with
     OpenAI `messages`, ShareGPT `conversations` or Alpaca `instruction`/`output` rows.
     Unusable rows go to OUTPUT/rejects.jsonl with the reason.
     """
-    from curate.data import Fields, count_rows
+    from curate.data import Fields
     from curate.models import load_tokenizer, resolve_model
+    from curate.pipeline import ShardsFailed
     from curate.score import score_dataset
-    from curate.scoring.base import make_scorer
     from curate.store import StoreError
     from curate.tokenize import ChatTokenizer
 
@@ -106,12 +167,11 @@ def score(input_path, output, model, backend, dtype, max_length, truncate, syste
         with _errors_as_usage(), _stdout_to_stderr():
             chat_tokenizer = ChatTokenizer(load_tokenizer(model_dir), max_length=max_length, truncate=truncate,
                                            system_prompt=system_prompt, train_turns=train_turns)
-            scorer = make_scorer(backend, model_dir, dtype=dtype, max_length=max_length)
-            with _progress(count_rows(input_path), quiet) as on_progress:
-                summary = score_dataset(input_path, output, scorer, chat_tokenizer, model_name=str(model or model_dir),
-                                        model_dir=model_dir, fields=fields, shard_rows=shard_rows, resume=resume, overwrite=overwrite,
-                                        on_progress=on_progress)
-    except StoreError as error:
+            with _engine(engine_choice, model_dir) as engine, _progress(_rows(input_path, limit), quiet) as on_progress:
+                summary = score_dataset(input_path, output, engine, chat_tokenizer, model_name=str(model or model_dir),
+                                        model_dir=model_dir, fields=fields, shard_rows=shard_rows, limit=limit, resume=resume,
+                                        overwrite=overwrite, on_progress=on_progress)
+    except (StoreError, ShardsFailed) as error:
         raise click.ClickException(str(error)) from None
     _report(summary, quiet, as_json, title="curate score")
 
@@ -223,8 +283,7 @@ def _echo_comparison(directories, results) -> None:
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory for the answers (Parquet shards + manifest.json + rejects.jsonl); `curate score` reads it.")
 @model_option
-@click.option("--backend", type=click.Choice(["auto", "vllm", "hf"]), default="auto", show_default=True)
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
+@engine_options(ray=True)
 @click.option("--verify", "checker", type=click.Choice(["auto", "none", "math", "exact", "code"]), default="auto", show_default=True,
               help="Check each answer against the reference: math (final number), exact (normalised text), "
                    "code (run the reference's asserts, 10 s limit), auto (code or math by what the reference holds).")
@@ -242,18 +301,20 @@ def _echo_comparison(directories, results) -> None:
 @system_prompt_option
 @click.option("--reference-field", default="reference", show_default=True)
 @click.option("--shard-rows", type=click.IntRange(min=1), default=128, show_default=True)
+@limit_option
 @click.option("--resume", is_flag=True, help="Finish an interrupted run.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run.")
 @click.option("--quiet", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
-def generate(input_path, output, model, backend, dtype, checker, verify_workers, unsafe_verify, n, temperature, top_p, max_new_tokens, seed, rephrase,
-             max_length, system_prompt, reference_field, shard_rows, resume, overwrite, quiet, as_json):
+def generate(input_path, output, model, engine_choice, checker, verify_workers, unsafe_verify, n, temperature, top_p, max_new_tokens,
+             seed, rephrase, max_length, system_prompt, reference_field, shard_rows, limit, resume, overwrite, quiet, as_json):
     """The model's own answers to INPUT's prompts (self-output), checked against the reference."""
-    from curate.data import Fields, count_rows
-    from curate.generate import HFGenerator, SamplingOptions, VLLMGenerator, generate_dataset
-    from curate.sandbox import SandboxUnavailable
+    from curate.data import Fields
+    from curate.engines.base import SamplingOptions
+    from curate.generate import generate_dataset
     from curate.models import load_tokenizer, resolve_model
-    from curate.scoring.base import default_backend
+    from curate.pipeline import ShardsFailed
+    from curate.sandbox import SandboxUnavailable
     from curate.store import StoreError
     from curate.tokenize import ChatTokenizer
 
@@ -265,15 +326,12 @@ def generate(input_path, output, model, backend, dtype, checker, verify_workers,
     sampling = SamplingOptions(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
     try:
         with _errors_as_usage(), _stdout_to_stderr():
-            backend = default_backend() if backend == "auto" else backend
-            generator = (VLLMGenerator(model_dir, dtype=dtype, max_model_len=max_length) if backend == "vllm"
-                         else HFGenerator(model_dir, dtype=dtype))
-            with _progress(count_rows(input_path), quiet) as on_progress:
-                summary = generate_dataset(input_path, output, generator, chat_tokenizer, sampling, checker=checker,
+            with _engine(engine_choice, model_dir) as engine, _progress(_rows(input_path, limit), quiet) as on_progress:
+                summary = generate_dataset(input_path, output, engine, chat_tokenizer, sampling, checker=checker,
                                            rephrase=rephrase, fields=Fields(reference=reference_field), shard_rows=shard_rows,
-                                           resume=resume, overwrite=overwrite, on_progress=on_progress,
+                                           limit=limit, resume=resume, overwrite=overwrite, on_progress=on_progress,
                                            verify_workers=verify_workers, unsafe_verify=unsafe_verify)
-    except (StoreError, SandboxUnavailable) as error:
+    except (StoreError, SandboxUnavailable, ShardsFailed) as error:
         raise click.ClickException(str(error)) from None
     _report(summary, quiet, as_json, title="curate generate")
 
@@ -387,21 +445,18 @@ def preview(input_path, model, limit, system_prompt, train_turns, max_length, pr
               help="Directory for per-task results (<task>.parquet) and results.json.")
 @click.option("--split", default="test", show_default=True, help="Which split of each task to evaluate on.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N examples of each task (quick runs).")
-@click.option("--backend", type=click.Choice(["auto", "vllm", "hf"]), default="auto", show_default=True)
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
+@engine_options()
 @click.option("--max-length", type=click.IntRange(min=2), default=4096, show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True, help="Generation tasks: answer length cap.")
 @click.option("--unsafe-verify", is_flag=True, help="Where bubblewrap cannot start, run code checks without the sandbox.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def eval_command(model, tasks, output, split, limit, backend, dtype, max_length, max_new_tokens, unsafe_verify, as_json):
+def eval_command(model, tasks, output, split, limit, engine_choice, max_length, max_new_tokens, unsafe_verify, as_json):
     """Score MODEL (a model directory, or `default`) on benchmark tasks: generation tasks greedy and
     checked, multiple-choice tasks by log-likelihood, every score with a 95% bootstrap interval.
     A LoRA adapter: merge it first (`axolotl merge-lora CONFIG`) and give the merged directory."""
     from curate.evaluate import evaluate, task_file
-    from curate.generate import HFGenerator, VLLMGenerator
     from curate.models import load_tokenizer, resolve_model
     from curate.sandbox import SandboxUnavailable
-    from curate.scoring.base import default_backend, make_scorer
     from curate.store import StoreError
     from curate.tokenize import ChatTokenizer
 
@@ -410,11 +465,9 @@ def eval_command(model, tasks, output, split, limit, backend, dtype, max_length,
         with _errors_as_usage(), _stdout_to_stderr():
             files = {name: task_file(name, split) for name in tasks.split(",") if name}
             chat_tokenizer = ChatTokenizer(load_tokenizer(model_dir), max_length=max_length)
-            backend = default_backend() if backend == "auto" else backend
-            scorer = make_scorer(backend, model_dir, dtype=dtype, max_length=max_length)
-            generator = VLLMGenerator(model_dir, scorer=scorer) if backend == "vllm" else HFGenerator(model_dir, dtype=dtype)
-            summary = evaluate(model_dir, files, output, scorer, generator, chat_tokenizer, limit=limit,
-                               max_new_tokens=max_new_tokens, unsafe_verify=unsafe_verify)
+            with _engine(engine_choice, model_dir) as engine:
+                summary = evaluate(model_dir, files, output, engine, chat_tokenizer, limit=limit,
+                                   max_new_tokens=max_new_tokens, unsafe_verify=unsafe_verify)
     except (StoreError, SandboxUnavailable) as error:
         raise click.ClickException(str(error)) from None
     if as_json:
@@ -509,6 +562,35 @@ def check_recipe(recipe, data, output, variables, no_check, allow_other_model):
     except RecipeError as error:
         raise click.ClickException(str(error)) from None
     click.echo(str(written))
+
+
+@contextmanager
+def _engine(engine_choice, model_dir):
+    """The engine the options chose: one in this process, or replicas on Ray (closed afterwards)."""
+    from curate.engines.base import make_engine
+
+    backend, settings, ray_options = engine_choice
+    if ray_options is None:
+        yield make_engine(backend, model_dir, settings)
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise click.ClickException("--ray needs Ray: pip install 'curate[ray]'")
+    from curate.engines.cluster import RayEngines
+
+    engines = RayEngines(backend, model_dir, settings, ray_options)
+    try:
+        yield engines
+    finally:
+        engines.close()
+
+
+def _rows(input_path: Path, limit: int | None) -> int | None:
+    from curate.data import count_rows
+
+    total = count_rows(input_path)
+    return min(total, limit) if total is not None and limit else total or limit
 
 
 @contextmanager

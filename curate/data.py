@@ -186,18 +186,24 @@ def read_in_chunks(path: Path, prepare: Callable[[Example], T], fields: Fields =
     row is in exactly one of the two lists; a chunk of only rejects is yielded too."""
     records = read_records(path, start=start)
     while chunk := list(itertools.islice(records, size)):
-        prepared, rejects = [], []
-        for row, record in chunk:
-            try:
-                if isinstance(record, RowError):
-                    raise record
-                example = normalise(row, record, fields)
-                prepared.append((example, prepare(example)))
-            except RowError as error:
-                if error.raw is None:
-                    error.raw = json.dumps(record, ensure_ascii=False, default=str)
-                rejects.append(error.to_record(str(path)))
-        yield chunk[-1][0] + 1, prepared, rejects
+        yield (chunk[-1][0] + 1, *prepare_rows(chunk, prepare, fields, str(path)))
+
+
+def prepare_rows(chunk: list[tuple[int, dict | RowError]], prepare: Callable[[Example], T], fields: Fields,
+                 source: str) -> tuple[list[tuple[Example, T]], list[dict]]:
+    """([(example, prepared)], reject records) of some read rows: each row in exactly one list."""
+    prepared, rejects = [], []
+    for row, record in chunk:
+        try:
+            if isinstance(record, RowError):
+                raise record
+            example = normalise(row, record, fields)
+            prepared.append((example, prepare(example)))
+        except RowError as error:
+            if error.raw is None:
+                error.raw = json.dumps(record, ensure_ascii=False, default=str)
+            rejects.append(error.to_record(source))
+    return prepared, rejects
 
 
 def prefetched(items: Iterator[T], depth: int = 1) -> Iterator[T]:

@@ -73,10 +73,10 @@ def task_file(name: str, split: str = "test") -> Path:
     return path
 
 
-def evaluate(model_dir: Path, tasks: dict[str, Path], output_dir: Path, scorer, generator, chat_tokenizer: ChatTokenizer,
+def evaluate(model_dir: Path, tasks: dict[str, Path], output_dir: Path, engine, chat_tokenizer: ChatTokenizer,
              limit: int | None = None, max_new_tokens: int = 512, unsafe_verify: bool = False) -> EvalSummary:
-    """Evaluate on each task file (`curate benchmarks pull` output); per-example results go to
-    `output_dir/<task>.parquet`, the summary to `output_dir/results.json`."""
+    """Evaluate `engine` (of the model in `model_dir`) on each task file (`curate benchmarks pull`
+    output); per-example results go to `output_dir/<task>.parquet`, the summary to `results.json`."""
     from curate.benchmarks import TASKS
 
     output_dir = Path(output_dir)
@@ -84,11 +84,11 @@ def evaluate(model_dir: Path, tasks: dict[str, Path], output_dir: Path, scorer, 
     summary = EvalSummary(model=str(model_dir), output=str(output_dir))
     for name, path in tasks.items():
         source = _limited(path, output_dir / f"{name}.input.jsonl", limit)
-        gold_nll = _gold_nll(source, scorer, chat_tokenizer)
+        gold_nll = _gold_nll(source, engine, chat_tokenizer)
         if TASKS[name].kind == "multiple_choice":
-            table, score = _multiple_choice(source, scorer, chat_tokenizer, name)
+            table, score = _multiple_choice(source, engine, chat_tokenizer, name)
         else:
-            table, score = _generation(source, output_dir / f"{name}.generated", generator, chat_tokenizer, name,
+            table, score = _generation(source, output_dir / f"{name}.generated", engine, chat_tokenizer, name,
                                        TASKS[name].checker, max_new_tokens, unsafe_verify)
         ids = table.column("id").to_pylist()
         table = table.append_column("gold_nll", pa.array([gold_nll.get(i) for i in ids], pa.float64()))
@@ -110,16 +110,17 @@ def _limited(path: Path, copy: Path, limit: int | None) -> Path:
     return copy
 
 
-def _generation(source: Path, generated: Path, generator, chat_tokenizer: ChatTokenizer, name: str, checker: str,
+def _generation(source: Path, generated: Path, engine, chat_tokenizer: ChatTokenizer, name: str, checker: str,
                 max_new_tokens: int, unsafe_verify: bool) -> tuple[pa.Table, TaskScore]:
     """Greedy answers checked by the task's checker; resumable (the generated directory)."""
-    from curate.generate import SamplingOptions, generate_dataset
+    from curate.engines.base import SamplingOptions
+    from curate.generate import generate_dataset
     from curate.store import read_manifest
 
     import polars as pl
 
     # Resuming a finished run only checks that its options (the model among them) are these.
-    generate_dataset(source, generated, generator, chat_tokenizer, SamplingOptions(max_new_tokens=max_new_tokens),
+    generate_dataset(source, generated, engine, chat_tokenizer, SamplingOptions(max_new_tokens=max_new_tokens),
                      checker=checker, resume=(generated / "manifest.json").exists(), unsafe_verify=unsafe_verify)
 
     answers = pl.read_parquet([str(generated / s["file"]) for s in read_manifest(generated).shards],
@@ -134,7 +135,7 @@ def _generation(source: Path, generated: Path, generator, chat_tokenizer: ChatTo
                             interval=bootstrap_interval(correct), unchecked=answers.height - decided.height)
 
 
-def _multiple_choice(source: Path, scorer, chat_tokenizer: ChatTokenizer, name: str) -> tuple[pa.Table, TaskScore]:
+def _multiple_choice(source: Path, engine, chat_tokenizer: ChatTokenizer, name: str) -> tuple[pa.Table, TaskScore]:
     """Each option as the assistant's answer to the prompt; its log-likelihood is the sum over
     its content tokens (the end-of-turn token left out, so options compare as texts)."""
     rows, logliks = [], []
@@ -144,7 +145,7 @@ def _multiple_choice(source: Path, scorer, chat_tokenizer: ChatTokenizer, name: 
         encoded = [chat_tokenizer.encode(row["row"], [{"role": "user", "content": row["prompt"]},
                                                       {"role": "assistant", "content": choice.strip()}])
                    for row in chunk for choice in row["choices"]]
-        scored = iter(zip(scorer.score([e.input_ids for e in encoded]), encoded))
+        scored = iter(zip(engine.score([e.input_ids for e in encoded]), encoded))
         for row in chunk:
             option_loglik = []
             for _ in row["choices"]:
@@ -167,13 +168,13 @@ def _multiple_choice(source: Path, scorer, chat_tokenizer: ChatTokenizer, name: 
                             acc_norm=float(correct_norm.mean()) if ids else None)
 
 
-def _gold_nll(source: Path, scorer, chat_tokenizer: ChatTokenizer) -> dict[str, float]:
+def _gold_nll(source: Path, engine, chat_tokenizer: ChatTokenizer) -> dict[str, float]:
     """Mean NLL per token of each example's gold answer (its assistant turn)."""
     out = {}
     for _, prepared, _ in read_in_chunks(source, lambda example: chat_tokenizer.encode(example.row, example.messages), size=64):
         examples = [e for e, _ in prepared]
         encoded = [t for _, t in prepared]
-        for example, logprobs, tokens in zip(examples, scorer.score([t.input_ids for t in encoded]), encoded):
+        for example, logprobs, tokens in zip(examples, engine.score([t.input_ids for t in encoded]), encoded):
             target = np.asarray(tokens.target) & np.isfinite(logprobs)
             out[example.id] = float(-logprobs[target].mean()) if target.any() else math.nan
     return out

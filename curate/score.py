@@ -12,9 +12,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
-from curate.data import Example, Fields, prefetched, read_in_chunks
+from curate.data import Example, Fields, normalise
+from curate.engines.base import Engine
 from curate.models import model_fingerprint, tokenizer_fingerprint
-from curate.scoring.base import Scorer
+from curate.pipeline import Shard, plan, run_shards
 from curate.store import SCORED_SCHEMA, ShardWriter, input_fingerprint
 from curate.tokenize import ChatTokenizer, TokenizedExample
 
@@ -39,21 +40,23 @@ class ScoreSummary:
 def score_dataset(
     input_path: Path,
     output_dir: Path,
-    scorer: Scorer,
+    engine: Engine,
     chat_tokenizer: ChatTokenizer,
     model_name: str,
     model_dir: Path | None = None,
     fields: Fields = Fields(),
     shard_rows: int = 512,
+    limit: int | None = None,
     resume: bool = False,
     overwrite: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> ScoreSummary:
     """Score every row of `input_path` into `output_dir`; returns the run's summary.
 
-    on_progress(rows, tokens) is called after each shard, for progress bars. `model_dir`
-    (the weights scored with) is fingerprinted into the manifest, so that export can refuse
-    to pair these perplexities with another model.
+    `engine`: an engine in this process (`make_engine`) or replicas on a Ray cluster
+    (`RayEngines`). on_progress(rows, tokens) is called after each shard, for progress bars.
+    `model_dir` (the weights scored with) is fingerprinted into the manifest, so that export
+    can refuse to pair these perplexities with another model.
     """
     started = time.perf_counter()
     meta = {
@@ -63,24 +66,41 @@ def score_dataset(
         "model_fingerprint": model_fingerprint(model_dir) if model_dir else None,
         "tokenizer": tokenizer_fingerprint(chat_tokenizer.tokenizer),
         "targets": chat_tokenizer.options(),
-        "backend": scorer.backend,
-        "dtype": scorer.dtype,
+        "backend": engine.backend,
+        "dtype": engine.dtype,
         "fields": asdict(fields),
         "max_length": chat_tokenizer.max_length,
         "truncate": chat_tokenizer.truncate,
+        "shard_rows": shard_rows, "limit": limit,
     }
     writer = ShardWriter(output_dir, meta, resume=resume, overwrite=overwrite)
-    chunks = prefetched(read_in_chunks(input_path, lambda example: chat_tokenizer.encode(example.row, example.messages),
-                                       fields, start=writer.next_row, size=shard_rows))
-    for end_row, prepared, rejects in chunks:
-        examples, tokenized = [e for e, _ in prepared], [t for _, t in prepared]
-        logprobs = scorer.score([t.input_ids for t in tokenized]) if tokenized else []
-        writer.write_shard(scored_table(examples, tokenized, logprobs), rejects, end_row=end_row)
-        if on_progress:
-            on_progress(len(prepared) + len(rejects), sum(len(t.input_ids) for t in tokenized))
-    summary = summarise_scored(output_dir, writer, time.perf_counter() - started, scorer.backend, model_name)
+    shards = plan(input_path, lambda example: chat_tokenizer.encode(example.row, example.messages), fields, writer, limit)
+    run_shards(ScoreStep(), engine, shards, writer, on_progress)
+    summary = summarise_scored(output_dir, writer, time.perf_counter() - started, engine.backend, model_name)
     writer.finish(asdict(summary))
     return summary
+
+
+def score_conversations(rows: list, engine: Engine, chat_tokenizer: ChatTokenizer, fields: Fields = Fields()) -> pa.Table:
+    """Score rows in memory (a notebook, a script) and get the scored table back, in SCORED_SCHEMA.
+    A row is a list of messages or a record in any input shape; one that cannot be used raises
+    `RowError` naming its index and field."""
+    examples = [normalise(index, {"messages": row} if isinstance(row, list) else row, fields) for index, row in enumerate(rows)]
+    tokenized = [chat_tokenizer.encode(example.row, example.messages) for example in examples]
+    return scored_table(examples, tokenized, engine.score([t.input_ids for t in tokenized]) if tokenized else [])
+
+
+class ScoreStep:
+    """Scoring a shard: the engine's log-probabilities of each tokenized example, into SCORED_SCHEMA."""
+
+    def infer(self, engine: Engine, shard: Shard) -> list[np.ndarray]:
+        return engine.score([t.input_ids for t in shard.prepared]) if shard.prepared else []
+
+    def table(self, shard: Shard, logprobs: list[np.ndarray]) -> pa.Table:
+        return scored_table(shard.examples, shard.prepared, logprobs)
+
+    def tokens(self, shard: Shard, logprobs) -> int:
+        return sum(len(t.input_ids) for t in shard.prepared)
 
 
 def scored_table(examples: list[Example], tokenized: list[TokenizedExample], logprobs: list[np.ndarray]) -> pa.Table:
@@ -127,7 +147,7 @@ def summarise_scored(output_dir: Path, writer: ShardWriter, seconds: float, back
 
     shards = writer.manifest.shards
     files = [str(Path(output_dir) / s["file"]) for s in shards]
-    rows_in = shards[-1]["rows"][1] if shards else 0
+    rows_in = writer.manifest.rows_read
     rejected = sum(s["n_rejects"] for s in shards)
     if files:
         frame = pl.scan_parquet(files).select(

@@ -1,13 +1,17 @@
 """The scored directory: Parquet shards plus a manifest, written so a crash loses nothing.
 
-Layout: `part-NNNNN.parquet` shards, `rejects.jsonl`, `manifest.json`. A shard is written
-under a temporary name and renamed; its rejects are appended and flushed; only then does
-the manifest (itself replaced atomically) record it. On `--resume` everything the manifest
-does not record is discarded and redone, so every input row ends up exactly once.
+Layout: `part-NNNNN.parquet` shards (shard k holds input rows [k*shard_rows, (k+1)*shard_rows)),
+`rejects.jsonl`, `manifest.json` (the run's options, and at the end every shard) and, while a
+run is going, `shards.jsonl` (one line appended per committed shard, so a million-row run
+does not rewrite its manifest per shard). A shard is written under a temporary name, synced
+and renamed (by whichever process ran it, a Ray actor too); its rejects are appended and
+synced; only then does the driver record it. On `--resume` everything not recorded is
+discarded and redone, so every input row ends up exactly once, whatever order shards finish in.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -20,6 +24,7 @@ import pyarrow.parquet as pq
 # 2: `end_of_turn` per token, `weight` per message, the model's fingerprint in the manifest.
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+JOURNAL = "shards.jsonl"
 REJECTS = "rejects.jsonl"
 METADATA_KEY = b"curate"
 
@@ -59,12 +64,13 @@ class Manifest:
     summary: dict = field(default_factory=dict)
 
     @property
-    def next_row(self) -> int:
-        return self.shards[-1]["rows"][1] if self.shards else 0
+    def rows_read(self) -> int:
+        """Input rows seen: the end of the last shard."""
+        return max((shard["rows"][1] for shard in self.shards), default=0)
 
     @property
     def rejects_bytes(self) -> int:
-        return self.shards[-1]["rejects_bytes"] if self.shards else 0
+        return max((shard["rejects_bytes"] for shard in self.shards), default=0)
 
     def to_json(self) -> dict:
         return {"format": FORMAT_VERSION, "meta": self.meta, "complete": self.complete,
@@ -79,7 +85,47 @@ def read_manifest(directory: Path) -> Manifest:
     if data.get("format") != FORMAT_VERSION:
         raise StoreError(f"{directory} was written by an older curate (scored format {data.get('format')}, this "
                          f"curate reads {FORMAT_VERSION}: end-of-turn is now stored per token); score it again")
-    return Manifest(meta=data["meta"], shards=data["shards"], complete=data["complete"], summary=data.get("summary", {}))
+    shards = list(data["shards"])
+    known = {shard["file"] for shard in shards}
+    journal = Path(directory) / JOURNAL
+    if journal.exists():
+        for line in journal.read_text().splitlines():
+            try:
+                shard = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by a crash: that shard was never committed
+                continue
+            if shard["file"] not in known:
+                shards.append(shard)
+                known.add(shard["file"])
+    return Manifest(meta=data["meta"], shards=shards, complete=data["complete"], summary=data.get("summary", {}))
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def write_shard_file(directory: Path, index: int, table: pa.Table, schema: pa.Schema) -> tuple[str, int, str]:
+    """Write shard `index` under a temporary name, sync it and rename it into place: a reader (or
+    a retried task writing the same shard) never sees half a file. Returns (file, rows, sha256)."""
+    name = shard_name(index)
+    partial = Path(directory) / (name + ".partial")
+    pq.write_table(table.cast(schema), partial, compression="zstd")
+    digest = hashlib.sha256()
+    with open(partial, "rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+        os.fsync(handle.fileno())
+    os.replace(partial, Path(directory) / name)
+    _fsync_directory(Path(directory))
+    return name, table.num_rows, digest.hexdigest()
+
+
+def _fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -96,13 +142,17 @@ _NOT_OPTIONS = ("started",)
 
 
 class ShardWriter:
-    """Appends shards to a scored (or generated) directory, resumably."""
+    """Commits shards to a scored (or generated) directory, resumably, in any order.
+
+    `meta["shard_rows"]` fixes the shard boundaries, so a resumed run (or another worker)
+    names and fills every shard exactly as the first one would have."""
 
     def __init__(self, directory: Path, meta: dict, schema: pa.Schema = SCORED_SCHEMA, resume: bool = False, overwrite: bool = False):
         self.directory = Path(directory)
         if "input" in meta:  # the one place that writes a run: it never writes into, over or around its input
             refuse_overlap(Path(meta["input"]["path"]), self.directory)
         self.schema = schema.with_metadata({METADATA_KEY: json.dumps(_file_meta(meta)).encode()})
+        self.shard_rows = meta.get("shard_rows", 512)
         existing = self.directory / MANIFEST
         if existing.exists() and resume:
             self.manifest = read_manifest(self.directory)
@@ -112,37 +162,45 @@ class ShardWriter:
             raise StoreError(f"{self.directory} already holds a run; pass --resume to finish it or --overwrite to start again")
         else:
             self.directory.mkdir(parents=True, exist_ok=True)
-            for stale in [*self.directory.glob("part-*.parquet*"), self.directory / REJECTS, existing]:
-                stale.unlink(missing_ok=True)
+            for stale in [*self.directory.glob("part-*.parquet*"), self.directory / REJECTS, self.directory / JOURNAL, existing]:
+                if not stale.is_dir():  # files of ours only; a directory in the way fails its shard, loudly
+                    stale.unlink(missing_ok=True)
             self.manifest = Manifest(meta={**meta, "started": time.time()})
-            self._save_manifest()
+        self._save_manifest()  # a resumed run folds its journal into the manifest and starts a fresh one
+        (self.directory / JOURNAL).unlink(missing_ok=True)
 
-    @property
-    def next_row(self) -> int:
-        """The first input row not yet recorded in a finished shard."""
-        return self.manifest.next_row
+    def recorded(self) -> set[int]:
+        """Indexes of the committed shards."""
+        return {shard["rows"][0] // self.shard_rows for shard in self.manifest.shards}
 
-    def write_shard(self, table: pa.Table, rejects: list[dict], end_row: int) -> None:
-        """Record input rows [next_row, end_row): `table` holds the usable ones, `rejects` the rest."""
-        index = len(self.manifest.shards)
-        name = f"part-{index:05d}.parquet"
-        partial = self.directory / (name + ".partial")
-        pq.write_table(table.cast(self.schema), partial, compression="zstd")
-        os.replace(partial, self.directory / name)
+    def commit(self, index: int, rows: tuple[int, int], file: str, n_rows: int, sha256: str, rejects: list[dict]) -> None:
+        """Record shard `index` (input rows [start, end)), already written as `file`: its rejects are
+        appended and synced first, then one journal line; a crash between the two is redone."""
         with open(self.directory / REJECTS, "ab") as handle:
             for reject in rejects:
                 handle.write((json.dumps(reject, ensure_ascii=False) + "\n").encode())
             handle.flush()
             os.fsync(handle.fileno())
             rejects_bytes = handle.tell()
-        self.manifest.shards.append({"file": name, "rows": [self.next_row, end_row], "n_rows": table.num_rows,
-                                     "n_rejects": len(rejects), "rejects_bytes": rejects_bytes})
-        self._save_manifest()
+        shard = {"file": file, "rows": list(rows), "n_rows": n_rows, "n_rejects": len(rejects),
+                 "rejects_bytes": rejects_bytes, "sha256": sha256}
+        with open(self.directory / JOURNAL, "ab") as handle:
+            handle.write((json.dumps(shard) + "\n").encode())
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.manifest.shards.append(shard)
 
     def finish(self, summary: dict) -> None:
+        """Mark the run complete: shards listed in input order, rejects sorted by input row."""
+        self.manifest.shards.sort(key=lambda shard: shard["rows"][0])
+        rejects = self.directory / REJECTS
+        if rejects.exists():
+            lines = rejects.read_bytes().splitlines(keepends=True)
+            _write_atomic(rejects, b"".join(sorted(lines, key=lambda line: json.loads(line).get("row", -1))))
         self.manifest.complete = True
         self.manifest.summary = summary
         self._save_manifest()
+        (self.directory / JOURNAL).unlink(missing_ok=True)
 
     def _save_manifest(self) -> None:
         _write_atomic(self.directory / MANIFEST, json.dumps(self.manifest.to_json(), indent=1).encode())
@@ -150,7 +208,7 @@ class ShardWriter:
     def _discard_unrecorded(self) -> None:
         recorded = {shard["file"] for shard in self.manifest.shards}
         for path in self.directory.glob("part-*.parquet*"):
-            if path.name not in recorded:
+            if path.name not in recorded and not path.is_dir():
                 path.unlink()
         rejects = self.directory / REJECTS
         with open(rejects, "ab") as handle:

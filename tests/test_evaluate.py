@@ -16,12 +16,11 @@ LIMIT = 4
 
 
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory, model_dir, vllm_scorer, chat_tokenizer):
-    from curate.generate import VLLMGenerator
+def evaluated(tmp_path_factory, model_dir, vllm_engine, chat_tokenizer):
 
     out = tmp_path_factory.mktemp("eval")
     tasks = {name: task_file(name) for name in ("gsm8k", "mbpp", "arc_easy")}
-    summary = evaluate(model_dir, tasks, out, vllm_scorer, VLLMGenerator(model_dir, scorer=vllm_scorer), chat_tokenizer,
+    summary = evaluate(model_dir, tasks, out, vllm_engine, chat_tokenizer,
                        limit=LIMIT, max_new_tokens=128)
     return out, summary
 

@@ -138,7 +138,7 @@ def test_cli_export_and_stats(tmp_path, scored_sample):
     assert refused.returncode == 1 and ".parquet or .jsonl" in refused.stderr
 
 
-def test_examples_left_with_no_trained_token_are_dropped_with_a_reason(tmp_path, sample_path, hf_scorer, tokenizer):
+def test_examples_left_with_no_trained_token_are_dropped_with_a_reason(tmp_path, sample_path, hf_engine, tokenizer):
     from curate.score import score_dataset
     from curate.tokenize import ChatTokenizer
 
@@ -146,7 +146,7 @@ def test_examples_left_with_no_trained_token_are_dropped_with_a_reason(tmp_path,
     source.write_text("\n".join(sample_path.read_text().splitlines()[:6]) + "\n")
     # Truncated examples lose their end-of-turn token, so masking all else leaves them nothing to train.
     scored = tmp_path / "scored"
-    score_dataset(source, scored, hf_scorer, ChatTokenizer(tokenizer, max_length=64, truncate=True), model_name="default")
+    score_dataset(source, scored, hf_engine, ChatTokenizer(tokenizer, max_length=64, truncate=True), model_name="default")
     truncated = _scored(scored)["truncated"].sum()
     out = tmp_path / "t.parquet"
     stats = export(scored, out, ExportOptions(per_sample_ratio=1.0), tokenizer)

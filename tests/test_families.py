@@ -86,14 +86,15 @@ def scored_families(tiny_models, cases_path, tmp_path_factory):
     """The cases scored by `curate score --backend hf` on each family's tiny model."""
     from curate.models import load_tokenizer
     from curate.score import score_dataset
-    from curate.scoring.hf import HFScorer
+    from curate.engines.base import EngineSettings
+    from curate.engines.hf import HFEngine
     from curate.tokenize import ChatTokenizer
 
     root = tmp_path_factory.mktemp("scored-families")
     out = {}
     for family, model_dir in tiny_models.items():
         out[family] = root / family
-        score_dataset(cases_path, out[family], HFScorer(model_dir, dtype="float32"),
+        score_dataset(cases_path, out[family], HFEngine(model_dir, EngineSettings(dtype="float32")),
                       ChatTokenizer(load_tokenizer(model_dir)), model_name=str(model_dir), model_dir=model_dir)
     return out
 

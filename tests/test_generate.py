@@ -14,7 +14,8 @@ import pytest
 from conftest import run_curate
 from curate.export import ExportOptions, export
 from curate.data import normalise, read_records
-from curate.generate import GENERATED_SCHEMA, HFGenerator, SamplingOptions, generate_dataset, prompt_of
+from curate.engines.base import SamplingOptions
+from curate.generate import GENERATED_SCHEMA, generate_dataset, prompt_of
 from curate.store import StoreError, read_manifest
 
 
@@ -26,11 +27,6 @@ def _token_ppl(scored_dir) -> float:
     """exp(mean NLL) over every target token of a scored set."""
     tokens = pl.read_parquet(sorted(scored_dir.glob("part-*.parquet")), columns=["logprobs", "target"]).explode("logprobs", "target")
     return math.exp(-tokens.filter(pl.col("target"))["logprobs"].mean())
-
-
-@pytest.fixture(scope="module")
-def hf_generator(model_dir):
-    return HFGenerator(model_dir, dtype="float32")
 
 
 def _first_rows(tmp_path, sample_path, n: int):
@@ -58,32 +54,32 @@ def test_every_prompt_gets_an_answer_with_a_verdict(generated_sample, sample_pat
         assert row["messages"][0]["role"] in ("user", "system") and row["ground_truth"]
 
 
-def test_greedy_answers_are_the_same_with_hf_and_vllm(tmp_path, sample_path, generated_sample, hf_generator, chat_tokenizer):
+def test_greedy_answers_are_the_same_with_hf_and_vllm(tmp_path, sample_path, generated_sample, hf_engine, chat_tokenizer):
     source = _first_rows(tmp_path, sample_path, 6)
-    generate_dataset(source, tmp_path / "hf", hf_generator, chat_tokenizer, SamplingOptions(max_new_tokens=256), checker="auto")
+    generate_dataset(source, tmp_path / "hf", hf_engine, chat_tokenizer, SamplingOptions(max_new_tokens=256), checker="auto")
     hf, vllm = _answers(tmp_path / "hf"), _answers(generated_sample).head(6)
     assert hf["answer"].to_list() == vllm["answer"].to_list()
     assert hf["verified"].to_list() == vllm["verified"].to_list()
 
 
-def test_sampling_with_a_seed_is_reproducible(tmp_path, sample_path, hf_generator, chat_tokenizer):
+def test_sampling_with_a_seed_is_reproducible(tmp_path, sample_path, hf_engine, chat_tokenizer):
     source = _first_rows(tmp_path, sample_path, 3)
     sampling = SamplingOptions(n=3, temperature=0.7, top_p=0.95, max_new_tokens=24, seed=7)
     for run in ("a", "b"):
-        generate_dataset(source, tmp_path / run, hf_generator, chat_tokenizer, sampling, checker="auto")
+        generate_dataset(source, tmp_path / run, hf_engine, chat_tokenizer, sampling, checker="auto")
     a, b = _answers(tmp_path / "a"), _answers(tmp_path / "b")
     assert a.height == 9 and a["sample"].to_list() == [0, 1, 2] * 3
     assert a["answer"].to_list() == b["answer"].to_list()
     assert a["answer"].n_unique() > 3, "temperature 0.7 gives different answers to one prompt"
 
 
-def test_rephrase_asks_with_the_reference_and_keeps_the_original_prompt(tmp_path, sample_path, hf_generator, chat_tokenizer):
+def test_rephrase_asks_with_the_reference_and_keeps_the_original_prompt(tmp_path, sample_path, hf_engine, chat_tokenizer):
     source = _first_rows(tmp_path, sample_path, 2)
     example = normalise(*next(read_records(source)))
     request = prompt_of(example, rephrase=True)[-1]["content"]
     assert "### Reference Answer:\n" + example.messages[-1]["content"] in request and request.endswith("### Response:\n")
 
-    generate_dataset(source, tmp_path / "re", hf_generator, chat_tokenizer, SamplingOptions(max_new_tokens=64), checker="auto", rephrase=True)
+    generate_dataset(source, tmp_path / "re", hf_engine, chat_tokenizer, SamplingOptions(max_new_tokens=64), checker="auto", rephrase=True)
     answers = _answers(tmp_path / "re")
     assert answers.height == 2
     assert [m | {"weight": None} for m in answers["messages"][0].to_list()[:-1]] == [m | {"weight": None} for m in example.messages[:-1]]
@@ -102,17 +98,15 @@ def test_self_output_answers_are_far_less_surprising_than_the_ground_truth(score
 
 
 @pytest.mark.slow
-def test_rephrased_answers_lie_between_ground_truth_and_self_output(tmp_path, sample_path, model_dir, vllm_scorer,
+def test_rephrased_answers_lie_between_ground_truth_and_self_output(tmp_path, sample_path, model_dir, vllm_engine,
                                                                     chat_tokenizer, scored_sample, scored_generated,
                                                                     generated_sample):
     """The paper's ordering (Llama-3-8B, MBPP): ground truth 4.83 > Rephrase 1.69 > Self-Output 1.16."""
-    from curate.generate import VLLMGenerator
     from curate.score import score_dataset
 
-    generator = VLLMGenerator(model_dir, scorer=vllm_scorer)
-    generate_dataset(sample_path, tmp_path / "re", generator, chat_tokenizer, SamplingOptions(max_new_tokens=256),
+    generate_dataset(sample_path, tmp_path / "re", vllm_engine, chat_tokenizer, SamplingOptions(max_new_tokens=256),
                      checker="auto", rephrase=True)
-    score_dataset(tmp_path / "re", tmp_path / "re-scored", vllm_scorer, chat_tokenizer, model_name="default")
+    score_dataset(tmp_path / "re", tmp_path / "re-scored", vllm_engine, chat_tokenizer, model_name="default")
     rephrase = _token_ppl(tmp_path / "re-scored")
     print(f"token perplexity: rephrase {rephrase:.3f}")
     assert _token_ppl(scored_generated) < rephrase < _token_ppl(scored_sample)

@@ -65,7 +65,8 @@ def stand_in_runs(tmp_path_factory, family_tokenizers_dir, sample_path):
     """recipe -> its StandInRun, trained on first use and kept for the module."""
     from curate.models import load_tokenizer
     from curate.score import score_dataset
-    from curate.scoring.hf import HFScorer
+    from curate.engines.base import EngineSettings
+    from curate.engines.hf import HFEngine
     from curate.tokenize import ChatTokenizer
 
     rows = tmp_path_factory.mktemp("standin") / "sample-8.jsonl"
@@ -79,7 +80,7 @@ def stand_in_runs(tmp_path_factory, family_tokenizers_dir, sample_path):
         root = tmp_path_factory.mktemp(recipe)
         model_dir = build_tiny_model(family_tokenizers_dir / family, family, root / "model")
         tokenizer = load_tokenizer(model_dir)
-        score_dataset(rows, root / "scored", HFScorer(model_dir, dtype="float32"),
+        score_dataset(rows, root / "scored", HFEngine(model_dir, EngineSettings(dtype="float32")),
                       ChatTokenizer(tokenizer, max_length=4096, system_prompt=system_prompt),
                       model_name=str(model_dir), model_dir=model_dir)
         # A random model finds every token surprising: mask a share (the paper's best, ~25%) instead of τ.

@@ -30,14 +30,14 @@ def _rejects(directory) -> list[dict]:
     return [json.loads(line) for line in (directory / REJECTS).read_text().splitlines()]
 
 
-def test_rows_in_equal_rows_out_plus_rejects(tmp_path, sample_path, hf_scorer, chat_tokenizer):
+def test_rows_in_equal_rows_out_plus_rejects(tmp_path, sample_path, hf_engine, chat_tokenizer):
     good = sample_path.read_text().splitlines()[:10]
     bad = ['{"messages": [{"role": "user", "content": "hi"}]}', "{broken", '{"instruction": "x", "output": ""}', '"just a string"']
     lines = good[:4] + bad[:2] + good[4:8] + bad[2:] + good[8:]
     source = tmp_path / "mixed.jsonl"
     source.write_text("\n".join(lines) + "\n")
 
-    summary = score_dataset(source, tmp_path / "out", hf_scorer, chat_tokenizer, model_name="default", shard_rows=3)
+    summary = score_dataset(source, tmp_path / "out", hf_engine, chat_tokenizer, model_name="default", shard_rows=3)
 
     scored, rejects = _scored(tmp_path / "out"), _rejects(tmp_path / "out")
     assert summary.rows_in == len(lines) == scored.height + len(rejects)
@@ -75,18 +75,18 @@ def test_scored_shards_follow_the_schema_and_carry_fingerprints(scored_sample, t
     assert ((recomputed - frame["ppl"]).abs() < 1e-4).all()
 
 
-def test_an_existing_run_is_not_overwritten_by_accident(scored_sample, sample_path, hf_scorer, chat_tokenizer):
+def test_an_existing_run_is_not_overwritten_by_accident(scored_sample, sample_path, hf_engine, chat_tokenizer):
     with pytest.raises(StoreError, match="--resume"):
-        score_dataset(sample_path, scored_sample, hf_scorer, chat_tokenizer, model_name="default")
+        score_dataset(sample_path, scored_sample, hf_engine, chat_tokenizer, model_name="default")
 
 
-def test_resume_refuses_a_run_with_other_options(tmp_path, sample_path, hf_scorer, chat_tokenizer):
+def test_resume_refuses_a_run_with_other_options(tmp_path, sample_path, hf_engine, chat_tokenizer):
     from curate.tokenize import ChatTokenizer
 
-    score_dataset(sample_path, tmp_path / "run", hf_scorer, chat_tokenizer, model_name="default")
+    score_dataset(sample_path, tmp_path / "run", hf_engine, chat_tokenizer, model_name="default")
     other = ChatTokenizer(chat_tokenizer.tokenizer, max_length=128, truncate=True)
     with pytest.raises(StoreError, match="max_length differs"):
-        score_dataset(sample_path, tmp_path / "run", hf_scorer, other, model_name="default", resume=True)
+        score_dataset(sample_path, tmp_path / "run", hf_engine, other, model_name="default", resume=True)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
@@ -115,12 +115,12 @@ def test_resume_after_a_kill_is_identical_to_an_uninterrupted_run(tmp_path, samp
     assert _rejects(out) == _rejects(scored_sample) == []
 
 
-def test_resume_discards_a_half_written_shard_and_its_rejects(tmp_path, hf_scorer, chat_tokenizer, sample_path):
+def test_resume_discards_a_half_written_shard_and_its_rejects(tmp_path, hf_engine, chat_tokenizer, sample_path):
     lines = sample_path.read_text().splitlines()[:6]
     source = tmp_path / "in.jsonl"
     source.write_text("\n".join([lines[0], "{bad", *lines[1:]]) + "\n")
     out = tmp_path / "out"
-    score_dataset(source, out, hf_scorer, chat_tokenizer, model_name="default", shard_rows=2)
+    score_dataset(source, out, hf_engine, chat_tokenizer, model_name="default", shard_rows=2)
     manifest = read_manifest(out)
     # Simulate a crash after shard 1 was recorded: later shards and rejects written but not recorded.
     manifest_path = out / "manifest.json"
@@ -131,7 +131,7 @@ def test_resume_discards_a_half_written_shard_and_its_rejects(tmp_path, hf_score
     with open(out / REJECTS, "a") as handle:
         handle.write('{"row": 99, "reason": "left over"}\n')
 
-    score_dataset(source, out, hf_scorer, chat_tokenizer, model_name="default", shard_rows=2, resume=True)
+    score_dataset(source, out, hf_engine, chat_tokenizer, model_name="default", shard_rows=2, resume=True)
 
     assert sorted(_scored(out)["row"].to_list() + [r["row"] for r in _rejects(out)]) == list(range(7))
     assert [r["row"] for r in _rejects(out)] == [1]

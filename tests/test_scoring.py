@@ -36,28 +36,29 @@ def _max_abs_difference(a, b) -> float:
     return max(float(np.max(np.abs(x[1:] - y[1:]))) for x, y in zip(a, b))
 
 
-def test_hf_backend_matches_a_float64_reference(hf_scorer, sample_ids, float64_reference):
-    assert _max_abs_difference(hf_scorer.score(sample_ids), float64_reference) < 1e-3
+def test_hf_backend_matches_a_float64_reference(hf_engine, sample_ids, float64_reference):
+    assert _max_abs_difference(hf_engine.score(sample_ids), float64_reference) < 1e-3
 
 
 @pytest.mark.slow
-def test_vllm_backend_matches_a_float64_reference(vllm_scorer, sample_ids, float64_reference):
-    assert _max_abs_difference(vllm_scorer.score(sample_ids), float64_reference) < 1e-3
+def test_vllm_backend_matches_a_float64_reference(vllm_engine, sample_ids, float64_reference):
+    assert _max_abs_difference(vllm_engine.score(sample_ids), float64_reference) < 1e-3
 
 
 @pytest.mark.slow
-def test_vllm_and_hf_backends_agree(vllm_scorer, hf_scorer, sample_ids):
-    assert _max_abs_difference(vllm_scorer.score(sample_ids), hf_scorer.score(sample_ids)) < 1e-3
+def test_vllm_and_hf_backends_agree(vllm_engine, hf_engine, sample_ids):
+    assert _max_abs_difference(vllm_engine.score(sample_ids), hf_engine.score(sample_ids)) < 1e-3
 
 
-def test_hf_results_do_not_depend_on_batching_or_vocabulary_chunking(model_dir, hf_scorer, sample_ids):
-    from curate.scoring.hf import HFScorer
+def test_hf_results_do_not_depend_on_batching_or_vocabulary_chunking(model_dir, hf_engine, sample_ids):
+    from curate.engines.base import EngineSettings
+    from curate.engines.hf import HFEngine
 
-    tiny = HFScorer(model_dir, dtype="float32", token_budget=64, logits_budget=49152 * 3)  # 1 sequence, 3 positions a chunk
-    assert _max_abs_difference(tiny.score(sample_ids[:6]), hf_scorer.score(sample_ids[:6])) < 1e-4
+    tiny = HFEngine(model_dir, EngineSettings(dtype="float32", max_num_batched_tokens=64), logits_budget=49152 * 3)  # 1 sequence, 3 positions a chunk
+    assert _max_abs_difference(tiny.score(sample_ids[:6]), hf_engine.score(sample_ids[:6])) < 1e-4
 
 
-def test_scores_come_back_in_input_order_whatever_the_lengths(hf_scorer, sample_ids):
+def test_scores_come_back_in_input_order_whatever_the_lengths(hf_engine, sample_ids):
     shuffled = [sample_ids[i] for i in (5, 0, 17, 3)]
-    separately = [hf_scorer.score([ids])[0] for ids in shuffled]
-    assert _max_abs_difference(hf_scorer.score(shuffled), separately) < 1e-4
+    separately = [hf_engine.score([ids])[0] for ids in shuffled]
+    assert _max_abs_difference(hf_engine.score(shuffled), separately) < 1e-4

@@ -11,7 +11,8 @@ import pytest
 
 from conftest import run_curate
 from curate.export import ExportOptions, dropped_path, export
-from curate.generate import SamplingOptions, VLLMGenerator, generate_dataset
+from curate.engines.base import SamplingOptions
+from curate.generate import generate_dataset
 from curate.score import score_dataset
 from curate.store import StoreError, read_manifest
 
@@ -24,7 +25,7 @@ PROMPTS = 7
 
 
 @pytest.fixture(scope="module")
-def sampled(tmp_path_factory, sample_path, model_dir, vllm_scorer, chat_tokenizer):
+def sampled(tmp_path_factory, sample_path, model_dir, vllm_engine, chat_tokenizer):
     """n=4 sampled answers (seeded) to math, code and open prompts, two of which share an id,
     plus a multi-turn prompt; generated and scored with the session's vLLM engine."""
     root = tmp_path_factory.mktemp("sampled")
@@ -38,11 +39,11 @@ def sampled(tmp_path_factory, sample_path, model_dir, vllm_scorer, chat_tokenize
     source = root / "input.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
     generated, scored = root / "gen", root / "gen-scored"
-    generate_dataset(source, generated, VLLMGenerator(model_dir, scorer=vllm_scorer), chat_tokenizer,
+    generate_dataset(source, generated, vllm_engine, chat_tokenizer,
                      SamplingOptions(n=4, temperature=0.7, top_p=0.95, max_new_tokens=128, seed=1), checker="auto")
-    score_dataset(generated, scored, vllm_scorer, chat_tokenizer, model_name="default", model_dir=model_dir)
+    score_dataset(generated, scored, vllm_engine, chat_tokenizer, model_name="default", model_dir=model_dir)
     ground_truth = root / "gt-scored"
-    score_dataset(source, ground_truth, vllm_scorer, chat_tokenizer, model_name="default", model_dir=model_dir)
+    score_dataset(source, ground_truth, vllm_engine, chat_tokenizer, model_name="default", model_dir=model_dir)
     return source, generated, scored, ground_truth
 
 
@@ -107,7 +108,7 @@ def test_score_refuses_to_write_over_or_into_its_input(tmp_path, scored_sample):
     assert sorted((p.name, p.stat().st_size) for p in copy.iterdir()) == before
 
 
-def test_a_directory_input_is_read_through_its_manifest(tmp_path, scored_sample, hf_scorer, chat_tokenizer):
+def test_a_directory_input_is_read_through_its_manifest(tmp_path, scored_sample, hf_engine, chat_tokenizer):
     from curate.data import read_records
 
     copy = tmp_path / "scored"
@@ -117,19 +118,19 @@ def test_a_directory_input_is_read_through_its_manifest(tmp_path, scored_sample,
     manifest = json.loads((copy / "manifest.json").read_text())
     (copy / "manifest.json").write_text(json.dumps(manifest | {"complete": False}))
     with pytest.raises(StoreError, match="not finished .* --resume"):
-        score_dataset(copy, tmp_path / "again", hf_scorer, chat_tokenizer, model_name="default")
+        score_dataset(copy, tmp_path / "again", hf_engine, chat_tokenizer, model_name="default")
 
 
-def test_resume_refuses_any_changed_option_and_names_it(tmp_path, sample_path, hf_scorer, chat_tokenizer, model_dir):
+def test_resume_refuses_any_changed_option_and_names_it(tmp_path, sample_path, hf_engine, chat_tokenizer, model_dir):
     from curate.tokenize import ChatTokenizer
 
     source = tmp_path / "four.jsonl"
     source.write_text("\n".join(sample_path.read_text().splitlines()[:4]) + "\n")
-    score_dataset(source, tmp_path / "run", hf_scorer, chat_tokenizer, model_name="default", model_dir=model_dir)
+    score_dataset(source, tmp_path / "run", hf_engine, chat_tokenizer, model_name="default", model_dir=model_dir)
     merged = ChatTokenizer(chat_tokenizer.tokenizer, max_length=4096, system_prompt="merge")
     with pytest.raises(StoreError, match="targets differs"):
-        score_dataset(source, tmp_path / "run", hf_scorer, merged, model_name="default", model_dir=model_dir, resume=True)
+        score_dataset(source, tmp_path / "run", hf_engine, merged, model_name="default", model_dir=model_dir, resume=True)
     run = read_manifest(tmp_path / "run")
     (tmp_path / "run" / "manifest.json").write_text(json.dumps(run.to_json() | {"meta": run.meta | {"dtype": "bfloat16"}}))
     with pytest.raises(StoreError, match="dtype differs"):
-        score_dataset(source, tmp_path / "run", hf_scorer, chat_tokenizer, model_name="default", model_dir=model_dir, resume=True)
+        score_dataset(source, tmp_path / "run", hf_engine, chat_tokenizer, model_name="default", model_dir=model_dir, resume=True)

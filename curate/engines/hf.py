@@ -1,4 +1,4 @@
-"""Scoring with plain transformers: no vLLM needed, and the reference the vLLM path is tested against."""
+"""The transformers engine: no vLLM needed, and the reference the vLLM engine is tested against."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+
+from curate.engines.base import Answers, EngineSettings, SamplingOptions, stop_ids
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
@@ -39,25 +41,33 @@ def load_causal_lm(model_dir, dtype: str = "auto", device: str | None = None):
     return model, device, str(torch_dtype).removeprefix("torch.")
 
 
-class HFScorer:
-    """Batches sequences by a token budget (longest first, little padding) and computes
-    log-softmax over the vocabulary a few positions at a time, so a 256k vocabulary never
-    needs the full [tokens x vocab] float32 logits in memory.
+class HFEngine:
+    """Scores and generates with a transformers model.
 
-    token_budget: padded tokens per forward pass. logits_budget: logit elements per chunk
-    (2**26 float32 = 256 MiB).
+    Scoring batches sequences by a token budget (`max_num_batched_tokens`, default 8192 padded
+    tokens a forward pass; longest first, little padding) and computes log-softmax over the
+    vocabulary a few positions at a time (`logits_budget` elements, 2**26 float32 = 256 MiB),
+    so a 256k vocabulary never needs the full [tokens x vocab] logits in memory. Generation
+    runs `max_num_seqs` (default 16) left-padded prompts at a time.
     """
 
     backend = "hf"
 
-    def __init__(self, model_dir, dtype: str = "auto", device: str | None = None,
-                 token_budget: int = 8192, logits_budget: int = 2**26):
-        self.model, self.device, self.dtype = load_causal_lm(model_dir, dtype, device)
+    def __init__(self, model_dir, settings: EngineSettings = EngineSettings(), device: str | None = None,
+                 logits_budget: int = 2**26):
+        from curate.models import load_tokenizer
+
+        self.model, self.device, self.dtype = load_causal_lm(model_dir, settings.dtype, device)
+        self.model_name = str(model_dir)
         self.body = getattr(self.model, self.model.base_model_prefix)
         self.head = self.model.get_output_embeddings()
         self.softcap = getattr(self.model.config, "final_logit_softcapping", None)  # Gemma-2
-        self.token_budget = token_budget
+        self.token_budget = settings.max_num_batched_tokens or 8192
         self.logits_budget = logits_budget
+        self.batch_size = settings.max_num_seqs or 16
+        tokenizer = load_tokenizer(model_dir)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.stop_ids = stop_ids(tokenizer, self.model.generation_config)
 
     def score(self, token_ids: Sequence[Sequence[int]]) -> list[np.ndarray]:
         results: list[np.ndarray | None] = [None] * len(token_ids)
@@ -66,8 +76,36 @@ class HFScorer:
                 results[index] = logprobs
         return results  # type: ignore[return-value]
 
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingOptions) -> Answers:
+        torch.manual_seed(sampling.seed)
+        results = []
+        for start in range(0, len(prompts), self.batch_size):
+            batch = prompts[start : start + self.batch_size]
+            width = max(map(len, batch))
+            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, prompt in enumerate(batch):
+                ids[row, width - len(prompt):] = torch.as_tensor(prompt)
+                mask[row, width - len(prompt):] = 1
+            greedy = sampling.temperature == 0
+            with torch.inference_mode():
+                out = self.model.generate(
+                    input_ids=ids.to(self.device), attention_mask=mask.to(self.device), do_sample=not greedy,
+                    temperature=None if greedy else sampling.temperature, top_p=None if greedy else sampling.top_p,
+                    top_k=None, max_new_tokens=sampling.max_new_tokens, num_return_sequences=sampling.n,
+                    eos_token_id=self.stop_ids, pad_token_id=self.pad_id)
+            for row in range(len(batch)):
+                results.append([self._trim(out[row * sampling.n + k, width:].tolist()) for k in range(sampling.n)])
+        return results
+
     def close(self) -> None:
         del self.model, self.body, self.head
+
+    def _trim(self, ids: list[int]) -> tuple[list[int], bool]:
+        for i, token in enumerate(ids):
+            if token in self.stop_ids:
+                return ids[:i], True
+        return ids, False
 
     def _batches(self, token_ids: Sequence[Sequence[int]]) -> list[list[int]]:
         order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))

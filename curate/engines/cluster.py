@@ -1,0 +1,124 @@
+"""The same engine, `replicas` times, on a Ray cluster: `curate score/generate --ray`.
+
+Each replica is a Ray actor holding one engine (`make_engine`, built from the same picklable
+settings). The driver sends it prepared shards; the actor infers, builds the table and writes
+the shard's file itself (temporary name, sync, rename: `store.write_shard_file`), and returns
+its row count and checksum; the driver commits it. What Ray retries and what it does not:
+
+- a replica that dies (SIGKILL, out of memory, a lost node) is restarted and its shards run
+  again; a shard's file has a fixed name, so a retry replaces it and the row is still once;
+- a shard whose processing raises is not retried: it is reported with its rows, every other
+  shard is committed, and `--resume` runs just the failed ones.
+
+Ray is an optional extra (`pip install 'curate[ray]'`); the model directory and the output
+directory must be on a filesystem that every node sees.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from curate.engines.base import EngineSettings, make_engine
+from curate.pipeline import Shard, ShardResult, ShardsFailed, Step, run_step
+
+# Shards sent to a replica ahead of the one it works on, so it never waits for the driver.
+AHEAD_PER_REPLICA = 2
+# A local cluster's shared-memory object store: shards are a few MB, and /dev/shm is often small.
+LOCAL_OBJECT_STORE_BYTES = 300 * 2**20
+RESTARTS = 3  # a replica that keeps dying is given up on, and its shards reported
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """address: a running cluster (`auto`, `HOST:PORT`, `ray://HOST:10001`); None starts a local one.
+    replicas: default one per `gpus_per_replica` GPUs of the cluster, or 1 on a cluster without GPUs.
+    gpus_per_replica: default the tensor-parallel size where the cluster has GPUs, else 0."""
+
+    address: str | None = None
+    replicas: int | None = None
+    gpus_per_replica: float | None = None
+    cpus_per_replica: float = 1
+
+
+class ShardWorker:
+    """A Ray actor's body: one engine, running whole shards."""
+
+    def __init__(self, backend: str, model_dir: str, settings: EngineSettings):
+        self.engine = make_engine(backend, model_dir, settings)
+
+    def describe(self) -> tuple[str, str, str]:
+        return self.engine.backend, self.engine.dtype, self.engine.model_name
+
+    def run(self, step: Step, shard: Shard, directory: str, schema) -> ShardResult:
+        return run_step(step, self.engine, shard, Path(directory), schema)
+
+
+class RayEngines:
+    """Stands where one engine would (`score_dataset(..., engine=RayEngines(...))`)."""
+
+    def __init__(self, backend: str, model_dir, settings: EngineSettings = EngineSettings(), options: RayOptions = RayOptions()):
+        import ray
+
+        self._started_ray = not ray.is_initialized() and options.address is None
+        if not ray.is_initialized():
+            if options.address is None:
+                ray.init(object_store_memory=LOCAL_OBJECT_STORE_BYTES, include_dashboard=False, log_to_driver=False)
+            else:
+                passed = {k: v for k, v in os.environ.items() if k.startswith(("HF_", "CURATE_", "VLLM_", "TOKENIZERS_"))}
+                ray.init(address=options.address, runtime_env={"env_vars": passed}, log_to_driver=False)
+        gpus = ray.cluster_resources().get("GPU", 0)
+        per_replica = options.gpus_per_replica if options.gpus_per_replica is not None else (
+            settings.tensor_parallel_size if gpus else 0)
+        replicas = options.replicas or (max(1, int(gpus // per_replica)) if per_replica else 1)
+        actor = ray.remote(ShardWorker).options(num_cpus=options.cpus_per_replica, num_gpus=per_replica,
+                                                max_restarts=RESTARTS, max_task_retries=RESTARTS)
+        self.workers = [actor.remote(backend, str(model_dir), settings) for _ in range(replicas)]
+        self.backend, self.dtype, self.model_name = ray.get(self.workers[0].describe.remote())
+        self.replicas = replicas
+
+    def run_shards(self, step: Step, shards: Iterator[Shard], directory: Path, schema,
+                   commit: Callable[[ShardResult], None]) -> None:
+        """Run every shard on the replicas and commit each as it comes back, in any order."""
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        step_ref = ray.put(step)
+        free = [worker for worker in self.workers for _ in range(AHEAD_PER_REPLICA)]
+        in_flight: dict = {}
+        failures: list[tuple[Shard, str]] = []
+
+        def collect() -> None:
+            (ref,), _ = ray.wait(list(in_flight), num_returns=1)
+            shard, worker = in_flight.pop(ref)
+            try:
+                commit(ray.get(ref))
+            except RayTaskError as error:  # the shard's own processing raised: not retried
+                failures.append((shard, f"{type(error.cause).__name__}: {error.cause}"))
+            except RayActorError as error:  # the replica died more than RESTARTS times
+                failures.append((shard, f"its replica died and was given up on: {error}"))
+                return
+            free.append(worker)
+
+        for shard in shards:
+            while not free:
+                if not in_flight:
+                    raise ShardsFailed(directory, failures + [(shard, "no replica is left to run it")])
+                collect()
+            worker = free.pop(0)
+            in_flight[worker.run.remote(step_ref, shard, str(directory), schema)] = (shard, worker)
+        while in_flight:
+            collect()
+        if failures:
+            raise ShardsFailed(directory, failures)
+
+    def close(self) -> None:
+        import ray
+
+        for worker in self.workers:
+            ray.kill(worker)
+        self.workers = []
+        if self._started_ray:
+            ray.shutdown()
