@@ -1,6 +1,7 @@
-"""Scoring throughput: hf backend, vllm backend, and a bare forward pass, on the same tokens.
+"""Scoring throughput: hf engine, vllm engine, and a bare forward pass, on the same tokens;
+the non-model work alone; and Ray replicas against the engine in this process.
 
-    python bench/score.py [--repeat 4] [--model DIR] [--skip-vllm]
+    python bench/score.py [--repeat 4] [--model DIR] [--skip-vllm] [--skip-ray]
 
 The baseline is a bare transformers forward pass over the same batches (logits computed,
 nothing extracted): the ratios say what log-probability extraction and each engine cost.
@@ -15,9 +16,13 @@ from pathlib import Path
 
 import torch
 
+import tempfile
+
 from curate.data import normalise
+from curate.engines.base import EngineSettings
+from curate.engines.hf import HFEngine
 from curate.models import load_tokenizer, resolve_model
-from curate.scoring.hf import HFScorer
+from curate.score import score_dataset
 from curate.tokenize import ChatTokenizer
 
 SAMPLE = Path(__file__).resolve().parents[1] / "curate" / "samples" / "sample.jsonl"
@@ -53,8 +58,8 @@ def timed(label: str, fn, token_ids: list[list[int]]) -> float:
     return rate
 
 
-def bare_forward(scorer: HFScorer, token_ids: list[list[int]]) -> None:
-    """The same batches as HFScorer, through the full model, logits discarded."""
+def bare_forward(scorer: HFEngine, token_ids: list[list[int]]) -> None:
+    """The same batches as HFEngine, through the full model, logits discarded."""
     with torch.inference_mode():
         for batch in scorer._batches(token_ids):
             sequences = [token_ids[i] for i in batch]
@@ -67,6 +72,34 @@ def bare_forward(scorer: HFScorer, token_ids: list[list[int]]) -> None:
             scorer.model(input_ids=ids, attention_mask=mask)
 
 
+class RecordedEngine:
+    """Hands back log-probabilities recorded from the real engine: `score_dataset` with it times
+    everything but the model (read, render, tokenize, targets, table, write, commit)."""
+
+    backend, dtype, model_name = "recorded", "float32", "recorded"
+
+    def __init__(self, engine, token_ids: list[list[int]]):
+        self.recorded = {tuple(ids): logprobs for ids, logprobs in zip(token_ids, engine.score(token_ids))}
+
+    def score(self, token_ids):
+        return [self.recorded[tuple(ids)] for ids in token_ids]
+
+
+def repeated_input(folder: Path, repeat: int) -> Path:
+    path = folder / "input.jsonl"
+    path.write_text(SAMPLE.read_text() * repeat)
+    return path
+
+
+def pipeline_rate(label: str, engine, chat: ChatTokenizer, source: Path, folder: Path, tokens: int) -> tuple[float, float]:
+    """(tokens/s, seconds) of a whole `score_dataset` run."""
+    start = time.perf_counter()
+    score_dataset(source, folder / label.replace(" ", "-"), engine, chat, model_name="bench", shard_rows=64)
+    seconds = time.perf_counter() - start
+    print(f"{label:<28} {seconds:8.2f} s  {tokens / seconds:10,.0f} tok/s", flush=True)
+    return tokens / seconds, seconds
+
+
 def main() -> None:
     if __name__ != "__main__":
         return
@@ -74,24 +107,45 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--repeat", type=int, default=2, help="copies of the bundled sample to score")
     parser.add_argument("--skip-vllm", action="store_true")
+    parser.add_argument("--skip-ray", action="store_true", help="no Ray comparison (needs curate[ray] and vllm)")
     args = parser.parse_args()
 
     model_dir = resolve_model(args.model)
     token_ids = sample_token_ids(model_dir, args.repeat)
     tokens = sum(map(len, token_ids))
-    print(f"model {model_dir}\n{len(token_ids)} sequences, {tokens:,} tokens, torch threads {torch.get_num_threads()}\n")
+    threads = torch.get_num_threads()
+    print(f"model {model_dir}\n{len(token_ids)} sequences, {tokens:,} tokens, torch threads {threads}\n")
 
-    hf = HFScorer(model_dir, dtype="float32")
+    hf = HFEngine(model_dir, EngineSettings(dtype="float32"))
     rates = {"bare forward (baseline)": timed("bare forward (baseline)", lambda ids: bare_forward(hf, ids), token_ids)}
     rates["hf backend"] = timed("hf backend", hf.score, token_ids)
     rates["prepare (no model)"] = preparation_rate(model_dir, args.repeat)
+    chat = ChatTokenizer(load_tokenizer(model_dir))
+    folder = Path(tempfile.mkdtemp(prefix="curate-bench-"))
+    source = repeated_input(folder, args.repeat)
+    recorded = RecordedEngine(hf, token_ids)
+    cpu = time.process_time()
+    rates["pipeline (no model)"], _ = pipeline_rate("pipeline (no model)", recorded, chat, source, folder, tokens)
+    print(f"{'  per CPU-second':<28} {'':8}    {tokens / (time.process_time() - cpu):10,.0f} tok/s", flush=True)
     if not args.skip_vllm:
-        from curate.scoring.vllm import VLLMScorer
+        from curate.engines.vllm import VLLMEngine
 
         started = time.perf_counter()
-        engine = VLLMScorer(model_dir, dtype="float32")
+        engine = VLLMEngine(model_dir, EngineSettings(dtype="float32"))
         print(f"{'vllm engine start':<28} {time.perf_counter() - started:8.2f} s")
         rates["vllm backend"] = timed("vllm backend", engine.score, token_ids)
+        rates["vllm score_dataset"], plain_seconds = pipeline_rate("vllm score_dataset", engine, chat, source, folder, tokens)
+        if not args.skip_ray:
+            from curate.engines.cluster import RayEngines, RayOptions
+
+            started = time.perf_counter()
+            replicas = RayEngines("vllm", model_dir, EngineSettings(dtype="float32"), RayOptions(replicas=1))
+            start_seconds = time.perf_counter() - started
+            print(f"{'ray start (cluster+replica)':<28} {start_seconds:8.2f} s")
+            rates["ray score_dataset"], ray_seconds = pipeline_rate("ray score_dataset", replicas, chat, source, folder, tokens)
+            replicas.close()
+            print(f"\nRay, one replica, against the engine in this process: {ray_seconds / plain_seconds:.2f}x the time "
+                  f"({(ray_seconds + start_seconds) / plain_seconds:.2f}x with the {start_seconds:.0f} s start-up)")
 
     baseline = rates["bare forward (baseline)"]
     print("\nratio to the bare forward pass (higher is faster)")

@@ -60,7 +60,7 @@ def engine_options(ray: bool = False):
         click.option("--max-num-seqs", type=click.IntRange(min=1), default=None,
                      help="Sequences per engine step [default: vLLM's; hf generation: 16]."),
         click.option("--max-num-batched-tokens", type=click.IntRange(min=1), default=None,
-                     help="Tokens per engine step [default: as many as keep the prompt-logprob logits under 2 GiB "
+                     help="Tokens per engine step [default: as many as keep the prompt-logprob logits under 4 GiB "
                           "for the model's vocabulary, 512-16384; hf: 8192]."),
     ]
     if ray:

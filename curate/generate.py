@@ -141,6 +141,26 @@ class GenerateStep:
         return sum(len(ids) for per_prompt in samples for ids, _ in per_prompt)
 
 
+def _generated_table(examples, samples, tokenizer, checker: str, workers: int | None, unsafe: bool) -> pa.Table:
+    answers = [[tokenizer.decode(ids, skip_special_tokens=True).strip() for ids, _ in per_prompt] for per_prompt in samples]
+    verdicts = iter(verify_all(checker, [(answer, example.reference, example.extra)
+                                         for example, texts in zip(examples, answers) for answer in texts],
+                               workers=workers, unsafe=unsafe))
+    rows = []
+    for example, per_prompt, texts in zip(examples, samples, answers):
+        # Earlier assistant turns of a multi-turn prompt are the dataset's, not the model's: context only.
+        prompt = [{**m, "weight": 0} if m["role"] == "assistant" else m for m in prompt_of(example, rephrase=False)]
+        ground_truth = [m for m in example.messages if m["role"] == "assistant"][-1]["content"]
+        for index, ((ids, finished), answer) in enumerate(zip(per_prompt, texts)):
+            verdict = next(verdicts)
+            rows.append({"id": example.id, "row": example.row, "sample": index,
+                         "messages": [*prompt, {"role": "assistant", "content": answer}],
+                         "reference": example.reference, "answer": answer, "ground_truth": ground_truth,
+                         "verified": verdict.verified, "verify_reason": verdict.reason,
+                         "n_tokens": len(ids), "finished": finished})
+    return pa.Table.from_pylist(rows, schema=GENERATED_SCHEMA)
+
+
 def _summarise(output_dir: Path, writer: ShardWriter, seconds: float, backend: str) -> GenerateSummary:
     import polars as pl
 

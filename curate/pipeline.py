@@ -39,7 +39,6 @@ class Shard:
 class ShardResult:
     """A shard written to its file, ready to commit."""
 
-    index: int
     rows: tuple[int, int]
     file: str
     n_rows: int
@@ -98,7 +97,7 @@ def run_step(step: Step, engine, shard: Shard, directory: Path, schema: pa.Schem
 
 def finish_step(step: Step, shard: Shard, inferred: Any, directory: Path, schema: pa.Schema) -> ShardResult:
     file, n_rows, sha256 = write_shard_file(directory, shard.index, step.table(shard, inferred), schema)
-    return ShardResult(shard.index, (shard.start, shard.end), file, n_rows, sha256, shard.rejects, step.tokens(shard, inferred))
+    return ShardResult((shard.start, shard.end), file, n_rows, sha256, shard.rejects, step.tokens(shard, inferred))
 
 
 def run_shards(step: Step, engine, shards: Iterator[Shard], writer: ShardWriter,
@@ -106,7 +105,7 @@ def run_shards(step: Step, engine, shards: Iterator[Shard], writer: ShardWriter,
     """Run and commit every shard: on `engine` in this process, or on `RayEngines`."""
 
     def commit(result: ShardResult) -> None:
-        writer.commit(result.index, result.rows, result.file, result.n_rows, result.sha256, result.rejects)
+        writer.commit(result.rows, result.file, result.n_rows, result.sha256, result.rejects)
         if on_progress:
             on_progress(result.rows[1] - result.rows[0], result.tokens)
 

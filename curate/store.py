@@ -65,7 +65,7 @@ class Manifest:
 
     @property
     def rows_read(self) -> int:
-        """Input rows seen: the end of the last shard."""
+        """Input rows seen: the end of the furthest shard."""
         return max((shard["rows"][1] for shard in self.shards), default=0)
 
     @property
@@ -173,8 +173,8 @@ class ShardWriter:
         """Indexes of the committed shards."""
         return {shard["rows"][0] // self.shard_rows for shard in self.manifest.shards}
 
-    def commit(self, index: int, rows: tuple[int, int], file: str, n_rows: int, sha256: str, rejects: list[dict]) -> None:
-        """Record shard `index` (input rows [start, end)), already written as `file`: its rejects are
+    def commit(self, rows: tuple[int, int], file: str, n_rows: int, sha256: str, rejects: list[dict]) -> None:
+        """Record the shard of input rows [start, end), already written as `file`: its rejects are
         appended and synced first, then one journal line; a crash between the two is redone."""
         with open(self.directory / REJECTS, "ab") as handle:
             for reject in rejects:

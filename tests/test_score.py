@@ -12,7 +12,7 @@ import pytest
 
 from conftest import run_curate
 from curate.score import score_dataset
-from curate.store import REJECTS, SCORED_SCHEMA, StoreError, file_metadata, read_manifest
+from curate.store import JOURNAL, REJECTS, SCORED_SCHEMA, StoreError, file_metadata, read_manifest
 
 
 def _scored(directory) -> pl.DataFrame:
@@ -139,12 +139,50 @@ def test_resume_discards_a_half_written_shard_and_its_rejects(tmp_path, hf_engin
     assert len(read_manifest(out).shards) == len(manifest.shards)
 
 
+def test_resume_reads_the_shard_journal_and_ignores_a_torn_last_line(tmp_path, hf_engine, chat_tokenizer, sample_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join(sample_path.read_text().splitlines()[:6]) + "\n")
+    out = tmp_path / "out"
+    score_dataset(source, out, hf_engine, chat_tokenizer, model_name="default", shard_rows=2)
+    whole = _scored(out)
+    # The state of a run that died while appending shard 2's line: the manifest holds only the
+    # options, the journal two whole lines and a torn third; shard 2's file is there, unrecorded.
+    data = json.loads((out / "manifest.json").read_text())
+    shards, data["shards"], data["complete"] = data["shards"], [], False
+    (out / "manifest.json").write_text(json.dumps(data))
+    (out / JOURNAL).write_text("".join(json.dumps(shard) + "\n" for shard in shards[:2]) + json.dumps(shards[2])[:30])
+    assert [shard["file"] for shard in read_manifest(out).shards] == ["part-00000.parquet", "part-00001.parquet"]
+
+    score_dataset(source, out, hf_engine, chat_tokenizer, model_name="default", shard_rows=2, resume=True)
+
+    manifest = read_manifest(out)
+    assert manifest.complete and not (out / JOURNAL).exists()
+    assert [shard["rows"] for shard in manifest.shards] == [[0, 2], [2, 4], [4, 6]]
+    assert _scored(out).drop("logprobs", "nll_mean", "ppl").equals(whole.drop("logprobs", "nll_mean", "ppl"))
+
+
 @pytest.mark.slow
 def test_cli_scores_the_sample_with_vllm_and_prints_a_json_summary(tmp_path, sample_path):
     result = run_curate("score", sample_path, "-o", tmp_path / "scored", "--backend", "vllm", "--json")
     summary = json.loads(result.stdout)
     assert summary["rows_in"] == summary["rows_scored"] == 82 and summary["backend"] == "vllm"
     assert 1.0 < summary["token_ppl"] < 20.0
+
+
+@pytest.mark.slow
+def test_vllm_with_a_step_budget_below_the_longest_example_prefills_in_chunks_and_agrees_with_hf(tmp_path, sample_path,
+                                                                                             scored_sample):
+    """--max-num-batched-tokens 48 splits every longer example over several engine steps (chunked
+    prefill); its prompt log-probabilities must still be the hf engine's. --limit keeps 30 rows."""
+    out = tmp_path / "chunked"
+    result = run_curate("score", sample_path, "-o", out, "--backend", "vllm", "--max-num-batched-tokens", "48",
+                        "--limit", "30", "--json")
+    assert json.loads(result.stdout)["rows_in"] == 30 and read_manifest(out).meta["limit"] == 30
+    chunked, whole = _scored(out), _scored(scored_sample).filter(pl.col("row") < 30)
+    assert chunked["row"].to_list() == list(range(30))
+    assert chunked["input_ids"].list.len().max() > 2 * 48
+    assert chunked["input_ids"].equals(whole["input_ids"])
+    assert (chunked["logprobs"].explode() - whole["logprobs"].explode()).abs().max() < 1e-3
 
 
 def test_cli_errors_name_the_problem(tmp_path):

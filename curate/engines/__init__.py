@@ -1,0 +1,1 @@
+"""Engines: one object per backend that scores and generates (see base.py)."""
