@@ -45,6 +45,7 @@ train_turns_option = click.option(
     "--train-turns", type=click.Choice(["all", "last"]), default="all", show_default=True,
     help="Which assistant turns are targets; the others stay context. A message's `weight: 0` also keeps it out.")
 
+
 def engine_options(ray: bool = False):
     """The engine's options (backend, dtype, GPU settings; with `ray`, the Ray ones too), handed to
     the command as one `engine_choice` (see `_engine`). The command's --max-length is the engine's too."""
@@ -67,9 +68,11 @@ def engine_options(ray: bool = False):
         options += [
             click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
                          help="Run on a Ray cluster: `--ray` alone starts a local one (all GPUs of this node); "
-                              "ADDRESS (auto, HOST:PORT, ray://HOST:10001) joins a running one. Needs curate[ray]."),
-            click.option("--replicas", type=click.IntRange(min=1), default=None,
-                         help="--ray: engines to run [default: one per --gpus-per-replica GPUs, 1 without GPUs]."),
+                              "ADDRESS (auto, HOST:PORT, ray://HOST:10001) joins a running one (write --ray=ADDRESS, "
+                              "or put --ray after INPUT). Needs curate[ray]."),
+            click.option("--replicas", callback=_replicas, default=None, metavar="N|MIN,MAX",
+                         help="--ray: engines to run [default: one per --gpus-per-replica GPUs, 1 without GPUs]; "
+                              "MIN,MAX: start with MIN, and up to MAX join as the cluster has (or grows) room."),
             click.option("--gpus-per-replica", type=click.FloatRange(min=0), default=None,
                          help="--ray: GPUs each engine holds [default: --tensor-parallel-size where there are GPUs]."),
         ]
@@ -92,8 +95,9 @@ def engine_options(ray: bool = False):
                 if address is None and (replicas or gpus is not None):
                     raise click.UsageError("--replicas and --gpus-per-replica go with --ray")
                 if address is not None:
-                    ray_options = RayOptions(address=None if address == "local" else address, replicas=replicas,
-                                             gpus_per_replica=gpus)
+                    least, most = replicas or (None, None)
+                    ray_options = RayOptions(address=None if address == "local" else address, replicas=least,
+                                             max_replicas=most, gpus_per_replica=gpus)
             return command(*args, engine_choice=(kwargs.pop("backend"), settings, ray_options), **kwargs)
 
         for option in reversed(options):
@@ -101,6 +105,19 @@ def engine_options(ray: bool = False):
         return with_engine_choice
 
     return decorate
+
+
+def _replicas(context, parameter, value: str | None) -> tuple[int, int] | None:
+    """`N` or `MIN,MAX` -> (least, most)."""
+    if value is None:
+        return None
+    try:
+        numbers = [int(part) for part in value.split(",")]
+    except ValueError:
+        numbers = []
+    if len(numbers) not in (1, 2) or min(numbers) < 1 or numbers[0] > numbers[-1]:
+        raise click.BadParameter("expected N or MIN,MAX (whole numbers, 1 <= MIN <= MAX)")
+    return numbers[0], numbers[-1]
 
 
 limit_option = click.option("--limit", type=click.IntRange(min=1), default=None,

@@ -76,9 +76,11 @@ def test_ray_output_equals_the_plain_run_and_a_killed_replica_loses_and_repeats_
 
 
 def test_a_shard_that_raises_is_reported_the_rest_committed_and_resume_finishes_it(tmp_path, sample_path, scored_sample):
+    """Also: --replicas 1,3 on this 2-CPU cluster (one CPU a replica) runs with the replicas that
+    fit, shards finishing in any order, without waiting for the third, which never gets room."""
     out = tmp_path / "ray"
     (out / "part-00002.parquet").mkdir(parents=True)  # in the way of shard 2's file: its write raises
-    args = ["score", sample_path, "-o", out, "--backend", "hf", "--shard-rows", "10", "--ray", "--quiet"]
+    args = ["score", sample_path, "-o", out, "--backend", "hf", "--shard-rows", "10", "--ray", "--replicas", "1,3", "--quiet"]
 
     failed = run_curate(*args, check=False)
     assert failed.returncode == 1

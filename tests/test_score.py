@@ -21,8 +21,8 @@ def _scored(directory) -> pl.DataFrame:
 
 def _recorded_shards(directory) -> int:
     try:
-        return len(json.loads((directory / "manifest.json").read_text())["shards"])
-    except (FileNotFoundError, json.JSONDecodeError):
+        return len(read_manifest(directory).shards)  # the manifest's and the journal's
+    except StoreError:
         return 0
 
 

@@ -35,10 +35,13 @@ RESTARTS = 3  # a replica that keeps dying is given up on, and its shards report
 class RayOptions:
     """address: a running cluster (`auto`, `HOST:PORT`, `ray://HOST:10001`); None starts a local one.
     replicas: default one per `gpus_per_replica` GPUs of the cluster, or 1 on a cluster without GPUs.
+    max_replicas: more replicas to ask for; each joins the run once the cluster has room for it
+    (an autoscaling cluster adds nodes for them), while the first `replicas` already work.
     gpus_per_replica: default the tensor-parallel size where the cluster has GPUs, else 0."""
 
     address: str | None = None
     replicas: int | None = None
+    max_replicas: int | None = None
     gpus_per_replica: float | None = None
     cpus_per_replica: float = 1
 
@@ -75,9 +78,24 @@ class RayEngines:
         replicas = options.replicas or (max(1, int(gpus // per_replica)) if per_replica else 1)
         actor = ray.remote(ShardWorker).options(num_cpus=options.cpus_per_replica, num_gpus=per_replica,
                                                 max_restarts=RESTARTS, max_task_retries=RESTARTS)
-        self.workers = [actor.remote(backend, str(model_dir), settings) for _ in range(replicas)]
-        self.backend, self.dtype, self.model_name = ray.get(self.workers[0].describe.remote())
-        self.replicas = replicas
+        self.workers = [actor.remote(backend, str(model_dir), settings) for _ in range(max(replicas, options.max_replicas or 0))]
+        self._starting = {worker.describe.remote(): worker for worker in self.workers}
+        self._ready: list = []
+        while len(self._ready) < replicas:  # the first `replicas` must be up; the others join when they are
+            self._join(ray.wait(list(self._starting), num_returns=1)[0])
+        self.backend, self.dtype, self.model_name = ray.get(self._ready[0].describe.remote())
+
+    def _join(self, started: list) -> list:
+        """Replicas whose engine has started (their `describe` returned), now ready for shards."""
+        import ray
+
+        joined = []
+        for ref in started:
+            worker = self._starting.pop(ref)
+            ray.get(ref)  # an engine that cannot start raises here, with its own error
+            joined.append(worker)
+        self._ready += joined
+        return joined
 
     def run_shards(self, step: Step, shards: Iterator[Shard], directory: Path, schema,
                    commit: Callable[[ShardResult], None]) -> None:
@@ -86,12 +104,15 @@ class RayEngines:
         from ray.exceptions import RayActorError, RayTaskError
 
         step_ref = ray.put(step)
-        free = [worker for worker in self.workers for _ in range(AHEAD_PER_REPLICA)]
+        free = [worker for worker in self._ready for _ in range(AHEAD_PER_REPLICA)]
         in_flight: dict = {}
         failures: list[tuple[Shard, str]] = []
 
         def collect() -> None:
-            (ref,), _ = ray.wait(list(in_flight), num_returns=1)
+            (ref,), _ = ray.wait([*in_flight, *self._starting], num_returns=1)
+            if ref in self._starting:  # one more replica is up
+                free.extend(worker for worker in self._join([ref]) for _ in range(AHEAD_PER_REPLICA))
+                return
             shard, worker = in_flight.pop(ref)
             try:
                 commit(ray.get(ref))
@@ -103,6 +124,9 @@ class RayEngines:
             free.append(worker)
 
         for shard in shards:
+            if self._starting:
+                free.extend(worker for worker in self._join(ray.wait(list(self._starting), num_returns=len(self._starting),
+                                                                     timeout=0)[0]) for _ in range(AHEAD_PER_REPLICA))
             while not free:
                 if not in_flight:
                     raise ShardsFailed(directory, failures + [(shard, "no replica is left to run it")])
