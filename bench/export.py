@@ -29,12 +29,12 @@ def make_scored_set(directory: Path, examples: int, tokens: int, seed: int = 0) 
     """Shards in SCORED_SCHEMA: the first half of each sequence is prompt, the rest target,
     ending in an end-of-turn token (id 2); log-probabilities drawn like a real model's."""
     from curate.models import DEFAULT_MODEL_NAME, load_tokenizer, resolve_model, tokenizer_fingerprint
-    from curate.store import SCORED_SCHEMA, ShardWriter
+    from curate.store import SCORED_SCHEMA, ShardWriter, write_shard_file
 
     rng = np.random.default_rng(seed)
     fingerprint = tokenizer_fingerprint(load_tokenizer(resolve_model(None)))
     meta = {"kind": "scored", "model": DEFAULT_MODEL_NAME, "tokenizer": fingerprint,
-            "targets": {"end_of_turn": {"id": 2, "token": "<|im_end|>"}}}
+            "targets": {"end_of_turn": {"id": 2, "token": "<|im_end|>"}}, "shard_rows": ROWS_PER_SHARD}
     writer = ShardWriter(directory, meta, overwrite=True)
     for start in range(0, examples, ROWS_PER_SHARD):
         n = min(ROWS_PER_SHARD, examples - start)
@@ -56,7 +56,7 @@ def make_scored_set(directory: Path, examples: int, tokens: int, seed: int = 0) 
             pa.array(np.full(n, tokens - tokens // 2, dtype=np.int32)), pa.array(nll), pa.array(np.exp(nll)),
             pa.array(np.zeros(n, dtype=bool)), pa.nulls(n, pa.string()),
         ], schema=SCORED_SCHEMA)
-        writer.write_shard(table, [], end_row=start + n)
+        writer.commit((start, start + n), *write_shard_file(directory, start // ROWS_PER_SHARD, table, writer.schema), [])
     writer.finish({})
 
 
