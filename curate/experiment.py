@@ -109,6 +109,12 @@ class ExperimentConfig:
         missing = [name for name in ("train", "target", "eval_tasks") if name not in raw]
         if missing:
             raise ExperimentError(f"{path}: the field {missing[0]!r} is required")
+        for name in ("train_limit", "eval_limit", "max_steps", "max_new_tokens", "seed"):
+            if raw.get(name) is not None and (not isinstance(raw[name], int) or isinstance(raw[name], bool)):
+                raise ExperimentError(f"{path}: {name}: expected a whole number, not {raw[name]!r}")
+        for name in ("modes", "eval_tasks"):
+            if name in raw and not isinstance(raw[name], (list, str)):
+                raise ExperimentError(f"{path}: {name}: expected a list, not {raw[name]!r}")
         config = cls(**raw)
         config.check(str(path))
         return config
@@ -127,7 +133,7 @@ class ExperimentConfig:
             raise ExperimentError(f"{where}: train: {self.train!r} is neither a benchmark task nor a file")
         if not self.modes:
             raise ExperimentError(f"{where}: modes: name at least one")
-        labels = [m.label for m in self.parsed_modes(where)]
+        labels = [m.label for m in self.parsed_modes(f"{where}: modes")]
         if len(set(labels)) != len(labels):
             raise ExperimentError(f"{where}: modes: {labels} names a mode twice")
         if any(m.name == "random-mask" for m in self.parsed_modes(where)) and \
@@ -211,7 +217,7 @@ def run_experiment(config: ExperimentConfig, output: Path, axolotl: str,
     steps = Steps(output, log)
     model_dir = resolve_model(config.model)
     modes = config.parsed_modes()
-    data_options = {k: getattr(config, k) for k in ("train", "train_limit", "target", "eval_limit")}
+    data_options = {k: getattr(config, k) for k in ("train", "train_limit", "eval_tasks")}
     steps.run("data", data_options, lambda: prepare_data(config, output / "data"))
     train, held_out = output / "data" / "train.jsonl", json.loads((output / "data" / "eval.json").read_text())
     scored = output / "scored"
@@ -244,7 +250,7 @@ def run_experiment(config: ExperimentConfig, output: Path, axolotl: str,
 
 def prepare_data(config: ExperimentConfig, folder: Path) -> None:
     """data/train.jsonl (the first train_limit training rows) and, where the training rows come out
-    of the target task's own evaluation set, data/<target>.jsonl: the rest of it, disjoint by id.
+    of an evaluated task's own evaluation set, data/<task>.jsonl: the rest of it, disjoint by id.
 
     A task with a train split (GSM8K, MBPP) trains on it; one without (ARC, PIQA, ...) is split by
     `curate.benchmarks.split_of(id)`: its `train` rows train, the others evaluate. Multiple-choice
@@ -261,9 +267,9 @@ def prepare_data(config: ExperimentConfig, folder: Path) -> None:
             everything = _read_jsonl(source / "test.jsonl")
             rows = [row for row in everything if split_of(row["id"]) == "train"]
             rest = [row for row in everything if split_of(row["id"]) != "train"]
-            if config.target == config.train:
-                held_out[config.target] = str(folder / f"{config.target}.jsonl")
-                _write_jsonl(folder / f"{config.target}.jsonl", rest)
+            if config.train in config.eval_tasks:
+                held_out[config.train] = str(folder / f"{config.train}.jsonl")
+                _write_jsonl(folder / f"{config.train}.jsonl", rest)
     else:
         rows = _read_jsonl(Path(config.train))
     rows = rows[:config.train_limit] if config.train_limit else rows
@@ -293,7 +299,7 @@ def _export_mode(mode: Mode, modes: list[Mode], config: ExperimentConfig, model_
         args += ["--mode", "random-mask", "--mask-ratio", repr(ratio), "--seed", config.seed]
     else:
         generated, generated_scored = output / "generated" / mode.name, output / "generated" / f"{mode.name}-scored"
-        verify = _checker(config, output)
+        verify = _checker(config)
         answer = {"verify": verify, "max_new_tokens": config.max_new_tokens, "backend": config.backend, "model": str(model_dir)}
         steps.run(f"generate/{mode.name}", answer, lambda: run_command(curate_command(
             "generate", output / "data" / "train.jsonl", "-o", generated, "--model", model_dir, "--backend",
@@ -310,7 +316,7 @@ def _export_mode(mode: Mode, modes: list[Mode], config: ExperimentConfig, model_
         curate_command("export", scored, "-o", target, *args), logs / f"export-{mode.label}.log"))
 
 
-def _checker(config: ExperimentConfig, output: Path) -> str:
+def _checker(config: ExperimentConfig) -> str:
     """Multiple-choice rows are checked by their gold choice's text; others as configured."""
     from curate.benchmarks import TASKS
 
