@@ -228,8 +228,9 @@ def _echo_comparison(directories, results) -> None:
 @model_option
 @click.option("--backend", type=click.Choice(["auto", "vllm", "hf"]), default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
-@click.option("--verify", "checker", type=click.Choice(["auto", "none", "math", "exact", "code"]), default="auto", show_default=True,
+@click.option("--verify", "checker", type=click.Choice(["auto", "none", "math", "exact", "code", "choice"]), default="auto", show_default=True,
               help="Check each answer against the reference: math (final number), exact (normalised text), "
+                   "choice (multiple-choice rows: the answer names the gold choice and no other), "
                    "code (run the reference's asserts, 10 s limit), auto (code or math by what the reference holds).")
 @click.option("--verify-workers", type=click.IntRange(min=1), default=None,
               help="Answers checked at once, while the engine answers the next shard [default: one per core].")

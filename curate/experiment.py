@@ -88,7 +88,7 @@ class ExperimentConfig:
     backend: str = "hf"  # of scoring, generation and evaluation
     max_new_tokens: int = 256  # self-output, rephrase and generation tasks
     on_wrong: str = "drop"  # self-output/rephrase: prompts without a verified answer (drop | ground-truth)
-    verify: str = "auto"  # checker of self-output/rephrase answers (multiple-choice training sets: exact)
+    verify: str = "auto"  # checker of self-output/rephrase answers (auto on multiple-choice rows: choice)
     seed: int = 0  # of the random-mask draw
 
     @classmethod
@@ -254,7 +254,7 @@ def prepare_data(config: ExperimentConfig, folder: Path) -> None:
 
     A task with a train split (GSM8K, MBPP) trains on it; one without (ARC, PIQA, ...) is split by
     `curate.benchmarks.split_of(id)`: its `train` rows train, the others evaluate. Multiple-choice
-    rows get their gold choice as `reference`, so that self-output answers can be checked."""
+    rows get their gold choice as `reference` (what rephrase shows the model)."""
     from curate.benchmarks import TASKS, pull, split_of
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -317,11 +317,11 @@ def _export_mode(mode: Mode, modes: list[Mode], config: ExperimentConfig, model_
 
 
 def _checker(config: ExperimentConfig) -> str:
-    """Multiple-choice rows are checked by their gold choice's text; others as configured."""
+    """Free answers to multiple-choice rows are checked by the choice they name; others as configured."""
     from curate.benchmarks import TASKS
 
     if config.verify == "auto" and config.train in TASKS and TASKS[config.train].kind == "multiple_choice":
-        return "exact"
+        return "choice"
     return config.verify
 
 
