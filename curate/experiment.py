@@ -448,6 +448,10 @@ def table_markdown(table: dict) -> str:
     for label, scores in table["scores"].items():
         lines.append(f"| {label} | " + " | ".join(_with_interval(scores[t]["score"], scores[t]["interval"], "{:.3f}")
                                                for t in tasks) + " |")
+    lines += ["", "Gold-answer NLL per token (lower: the model finds the reference answers likelier):", "",
+              "| model | " + " | ".join(named) + " |", "|---|" + "---|" * len(tasks)]
+    for label, scores in table["scores"].items():
+        lines.append(f"| {label} | " + " | ".join(_nll(scores[t]["gold_nll"]) for t in tasks) + " |")
     lines += ["", f"| mode | trained examples | masked | TI ({target}) | BWT | "
               + " | ".join(f"Δ {t}" for t in tasks) + " |", "|---|---|---|---|---|" + "---|" * len(tasks)]
     for label, row in table["modes"].items():
@@ -459,6 +463,10 @@ def table_markdown(table: dict) -> str:
         lines += ["", f"Every mode trained with `{table['recipe']['recipe']}`; the rendered configs differ only in "
                   + ", ".join(sorted({k for keys in table["recipe"]["differences"].values() for k in keys})) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _nll(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _with_interval(value: float, interval, number: str) -> str:
