@@ -22,7 +22,7 @@ export AXOLOTL_DO_NOT_TRACK := 1
 export DO_NOT_TRACK := 1
 export CURATE_CACHE
 
-.PHONY: setup model axolotl browser sandbox tokenizers benchmarks demo finetune test bench clean
+.PHONY: setup model axolotl browser sandbox tokenizers benchmarks demo finetune experiment test bench clean
 
 setup: $(VENV)/.installed model
 
@@ -98,6 +98,15 @@ finetune: setup axolotl
 	$(BIN)/curate check-recipe $(RECIPE) --data $(DATA) -o $(FT_CONFIG)
 	PATH="$(abspath $(AXOLOTL))/bin:$$PATH" axolotl train $(FT_CONFIG)
 	@$(BIN)/python -c 'import sys; from curate.recipes import usage_after_training as u; print(u(sys.argv[1]))' $(FT_CONFIG)
+
+# The study's comparison, small and real: score, export, fine-tune and evaluate each mode (ground truth, STM,
+# random masking, self-output) with one recipe, then TI/BWT with intervals (OUT_EXP/results.md) and a report.
+# Resumable: a second run skips finished steps. EXPERIMENT=recipes/experiment/<model>-mbpp.yml: the GPU version.
+EXPERIMENT ?= recipes/experiment/smollm2-135m-arc-easy.yml
+OUT_EXP    ?= out/experiment/$(basename $(notdir $(EXPERIMENT)))
+experiment: setup axolotl
+	$(BIN)/curate experiment $(EXPERIMENT) -o $(OUT_EXP) --axolotl $(abspath $(AXOLOTL))/bin/axolotl
+	$(BIN)/curate report $(OUT_EXP) -o $(OUT_EXP)/report.html
 
 test: setup axolotl browser sandbox tokenizers benchmarks
 	$(BIN)/python -m pytest -v

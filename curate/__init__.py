@@ -23,6 +23,8 @@ _EXPORTS = {
     "ExportOptions": ("curate.export", "ExportOptions"),
     "evaluate_model": ("curate.evaluate", "evaluate"),
     "forgetting": ("curate.evaluate", "forgetting"),
+    "ExperimentConfig": ("curate.experiment", "ExperimentConfig"),
+    "run_experiment": ("curate.experiment", "run_experiment"),
     "resolve_model": ("curate.models", "resolve_model"),
     "load_tokenizer": ("curate.models", "load_tokenizer"),
 }

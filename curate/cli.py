@@ -197,9 +197,10 @@ def score(input_path, output, model, engine_choice, max_length, truncate, system
 @click.argument("scored", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Training file: .parquet or .jsonl (pre-tokenized: input_ids, attention_mask, labels, id).")
-@click.option("--mode", type=click.Choice(["stm", "ground-truth", "self-output"]), default="stm", show_default=True,
+@click.option("--mode", type=click.Choice(["stm", "ground-truth", "self-output", "random-mask"]), default="stm", show_default=True,
               help="stm: mask surprising target tokens; ground-truth: train on every target token; "
-                   "self-output: the model's own verified answers (SCORED = `curate score` of `curate generate` output).")
+                   "self-output: the model's own verified answers (SCORED = `curate score` of `curate generate` output); "
+                   "random-mask: STM's control, mask --mask-ratio of the target tokens drawn at random (--seed).")
 @click.option("--on-wrong", type=click.Choice(["drop", "ground-truth"]), default="drop", show_default=True,
               help="self-output: what to do with prompts that have no verified answer.")
 @click.option("--ground-truth", "ground_truth", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
@@ -209,9 +210,11 @@ def score(input_path, output, model, engine_choice, max_length, truncate, system
 @click.option("--threshold", type=click.FloatRange(min=0, min_open=True), default=None,
               help="STM: mask target tokens whose perplexity exp(-logprob) exceeds this [default: 2.5, the paper's τ].")
 @click.option("--mask-ratio", type=click.FloatRange(0, 1), default=None,
-              help="STM: instead, mask this fraction of all target tokens of the set, most surprising first (e.g. 0.2).")
+              help="STM: instead, mask this fraction of all target tokens of the set, most surprising first (e.g. 0.2); "
+                   "random-mask: mask this fraction of the set's target tokens, drawn at random.")
 @click.option("--per-sample-ratio", type=click.FloatRange(0, 1), default=None,
               help="STM: instead, mask this fraction of each example's target tokens, most surprising first.")
+@click.option("--seed", type=int, default=0, show_default=True, help="random-mask: the seed of the draw.")
 @click.option("--max-ppl", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Drop examples whose response perplexity (before masking) exceeds this.")
 @click.option("--max-length", type=click.IntRange(min=1), default=None,
@@ -222,7 +225,7 @@ def score(input_path, output, model, engine_choice, max_length, truncate, system
 @allow_other_model_option
 @click.option("--quiet", is_flag=True, help="No summary table.")
 @click.option("--json", "as_json", is_flag=True, help="Print the stats as JSON.")
-def export(scored, output, mode, on_wrong, ground_truth, keep_unfinished, threshold, mask_ratio, per_sample_ratio, max_ppl, max_length, no_id,
+def export(scored, output, mode, on_wrong, ground_truth, keep_unfinished, threshold, mask_ratio, per_sample_ratio, seed, max_ppl, max_length, no_id,
            model, allow_other_model, quiet, as_json):
     """Turn a scored directory into a training set Axolotl trains on as it is.
 
@@ -235,7 +238,7 @@ def export(scored, output, mode, on_wrong, ground_truth, keep_unfinished, thresh
     try:
         options = ExportOptions(mode=mode, threshold=threshold, mask_ratio=mask_ratio, per_sample_ratio=per_sample_ratio,
                                 max_ppl=max_ppl, max_length=max_length, with_id=not no_id,
-                                on_wrong=on_wrong, ground_truth=ground_truth, keep_unfinished=keep_unfinished)
+                                on_wrong=on_wrong, ground_truth=ground_truth, keep_unfinished=keep_unfinished, seed=seed)
     except ValueError as error:
         raise click.UsageError(str(error)) from None
     tokenizer = _scored_tokenizer(scored, model, "export", check_model=not allow_other_model)
@@ -301,8 +304,9 @@ def _echo_comparison(directories, results) -> None:
               help="Directory for the answers (Parquet shards + manifest.json + rejects.jsonl); `curate score` reads it.")
 @model_option
 @engine_options(ray=True)
-@click.option("--verify", "checker", type=click.Choice(["auto", "none", "math", "exact", "code"]), default="auto", show_default=True,
+@click.option("--verify", "checker", type=click.Choice(["auto", "none", "math", "exact", "code", "choice"]), default="auto", show_default=True,
               help="Check each answer against the reference: math (final number), exact (normalised text), "
+                   "choice (multiple-choice rows: the answer names the gold choice and no other), "
                    "code (run the reference's asserts, 10 s limit), auto (code or math by what the reference holds).")
 @click.option("--verify-workers", type=click.IntRange(min=1), default=None,
               help="Answers checked at once, while the engine answers the next shard [default: one per core].")
@@ -363,11 +367,17 @@ def generate(input_path, output, model, engine_choice, checker, verify_workers, 
 @scored_model_option
 def report(scored, output, threshold, examples, model):
     """One self-contained HTML page (no network needed to view it) showing where the
-    perplexity of SCORED is; with several scored sets, their distributions side by side."""
+    perplexity of SCORED is; with several scored sets, their distributions side by side.
+    A `curate experiment` directory among them adds its table and charts of TI, BWT and changes."""
     from curate.report import write_report
+    from curate.report_experiment import is_experiment
 
+    experiments = [directory for directory in scored if is_experiment(directory)]
+    scored = [directory for directory in scored if not is_experiment(directory)]
     tokenizers = [_scored_tokenizer(directory, model, "the report") for directory in scored]
-    path = write_report(list(scored), output, tokenizers, threshold=threshold, examples=examples)
+    with _errors_as_usage():
+        path = write_report(list(scored), output, tokenizers, threshold=threshold, examples=examples,
+                            experiments=experiments)
     click.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)", err=True)
 
 
@@ -457,7 +467,8 @@ def preview(input_path, model, limit, system_prompt, train_turns, max_length, pr
 
 @main.command("eval")
 @click.argument("model", metavar="MODEL")
-@click.option("--tasks", required=True, help="Comma-separated benchmark tasks (see `curate benchmarks list`), e.g. gsm8k,mbpp,arc_easy.")
+@click.option("--tasks", required=True, help="Comma-separated benchmark tasks (see `curate benchmarks list`), e.g. gsm8k,mbpp,arc_easy; "
+                                             "NAME=FILE evaluates the task on FILE's rows instead of its --split.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory for per-task results (<task>.parquet) and results.json.")
 @click.option("--split", default="test", show_default=True, help="Which split of each task to evaluate on.")
@@ -471,7 +482,7 @@ def eval_command(model, tasks, output, split, limit, engine_choice, max_length, 
     """Score MODEL (a model directory, or `default`) on benchmark tasks: generation tasks greedy and
     checked, multiple-choice tasks by log-likelihood, every score with a 95% bootstrap interval.
     A LoRA adapter: merge it first (`axolotl merge-lora CONFIG`) and give the merged directory."""
-    from curate.evaluate import evaluate, task_file
+    from curate.evaluate import evaluate
     from curate.models import load_tokenizer, resolve_model
     from curate.sandbox import SandboxUnavailable
     from curate.store import StoreError
@@ -480,7 +491,7 @@ def eval_command(model, tasks, output, split, limit, engine_choice, max_length, 
     model_dir = resolve_model(model)
     try:
         with _errors_as_usage(), _stdout_to_stderr():
-            files = {name: task_file(name, split) for name in tasks.split(",") if name}
+            files = _task_files(tasks, split)
             chat_tokenizer = ChatTokenizer(load_tokenizer(model_dir), max_length=max_length)
             with _engine(engine_choice, model_dir) as engine:
                 summary = evaluate(model_dir, files, output, engine, chat_tokenizer, limit=limit,
@@ -495,6 +506,21 @@ def eval_command(model, tasks, output, split, limit, engine_choice, max_length, 
         low, high = result.interval
         gold = f"{result.gold_nll:.3f}" if result.gold_nll is not None else "-"
         click.echo(f"{name:<16} {result.metric:<20} {result.examples:>5} {result.score:>7.3f}  [{low:.3f}, {high:.3f}]  {gold:>8}")
+
+
+def _task_files(tasks: str, split: str) -> dict[str, Path]:
+    """--tasks: NAME (its pulled --split) or NAME=FILE (held-out rows of that task, e.g. an experiment's)."""
+    from curate.benchmarks import resolve
+    from curate.evaluate import task_file
+
+    files = {}
+    for item in filter(None, tasks.split(",")):
+        name, _, path = item.partition("=")
+        resolve([name])
+        if path and not Path(path).is_file():
+            raise click.BadParameter(f"{name}: no such file {path}", param_hint="--tasks")
+        files[name] = Path(path) if path else task_file(name, split)
+    return files
 
 
 @main.command()
@@ -558,6 +584,31 @@ def benchmarks_pull(names, pull_all, output, wheel) -> None:
     for name, folder in folders.items():
         rows = ", ".join(f"{split} {count:,}" for split, count in pulled_rows(name).items())
         click.echo(f"{name}: {folder} ({rows})")
+
+
+@main.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for every step's output, the step markers, and results.md / results.json.")
+@click.option("--axolotl", default=None, metavar="PATH",
+              help="The axolotl command [default: `axolotl` on PATH, else .venv-axolotl/bin/axolotl (`make axolotl`)].")
+def experiment(config_path, output, axolotl):
+    """Score, export, fine-tune and evaluate each mode of CONFIG (YAML or JSON: train, target,
+    eval_tasks, modes, recipe, ...; see curate/experiment.py), then table TI, BWT and the absolute
+    changes with 95% intervals. A rerun skips finished steps; a step finished with other options is refused."""
+    import shutil
+
+    from curate.experiment import ExperimentConfig, ExperimentError, run_experiment, table_markdown
+
+    axolotl = axolotl or shutil.which("axolotl") or str(Path(".venv-axolotl/bin/axolotl").resolve())
+    if not Path(axolotl).exists() and not shutil.which(axolotl):
+        raise click.BadParameter(f"{axolotl} does not exist (run `make axolotl`)", param_hint="--axolotl")
+    try:
+        config = ExperimentConfig.load(config_path)
+        table = run_experiment(config, output, axolotl, log=lambda message: click.echo(message, err=True))
+    except ExperimentError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(table_markdown(table))
 
 
 @main.command("check-recipe")

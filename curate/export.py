@@ -25,7 +25,7 @@ from curate import masking
 from curate.models import tokenizer_fingerprint
 from curate.store import StoreError, open_scored, require_tokenizer
 
-MODES = ("ground-truth", "stm", "self-output")
+MODES = ("ground-truth", "stm", "self-output", "random-mask")
 IGNORE_INDEX = -100  # the label PyTorch's cross-entropy (and so Axolotl) leaves out of the loss
 
 TRAIN_SCHEMA = pa.schema(
@@ -40,7 +40,8 @@ TRAIN_SCHEMA = pa.schema(
 
 @dataclass
 class ExportOptions:
-    """What to keep. For `stm`, give exactly one of threshold, mask_ratio, per_sample_ratio."""
+    """What to keep. For `stm`, give exactly one of threshold, mask_ratio, per_sample_ratio;
+    for `random-mask` (STM's control), mask_ratio and seed."""
 
     mode: str = "stm"
     threshold: float | None = None  # token perplexity τ; masks ppl > τ
@@ -52,12 +53,17 @@ class ExportOptions:
     on_wrong: str = "drop"  # self-output: prompts with no verified answer are dropped, or ...
     ground_truth: Path | None = None  # ... take their ground truth from this scored directory
     keep_unfinished: bool = False  # self-output: may an answer cut off at --max-new-tokens be chosen
+    seed: int = 0  # random-mask: which tokens are drawn
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r} (expected one of {', '.join(MODES)})")
         given = [o for o in ("threshold", "mask_ratio", "per_sample_ratio") if getattr(self, o) is not None]
-        if self.mode != "stm" and given:
+        if self.mode == "random-mask":
+            if given != ["mask_ratio"]:
+                raise ValueError("--mode random-mask takes --mask-ratio (the share of target tokens to mask at random) "
+                                 "and nothing else of STM's")
+        elif self.mode != "stm" and given:
             raise ValueError(f"--{given[0].replace('_', '-')} only applies to --mode stm")
         if self.on_wrong not in ("drop", "ground-truth"):
             raise ValueError("--on-wrong is drop or ground-truth")
@@ -87,6 +93,7 @@ class ExportStats:
     response_ppl_after: float | None = None  # mean over examples, trained tokens only
     token_ppl_before: float | None = None  # exp(mean NLL) over all target tokens of the set
     token_ppl_after: float | None = None
+    seed: int | None = None  # random-mask: the seed of the draw
     scoring_rejects: int = 0  # rows `curate score` could not use (see its rejects.jsonl)
     self_output_prompts: int | None = None  # self-output: prompts answered correctly (or unchecked) ...
     ground_truth_fallbacks: int | None = None  # ... prompts that fell back to the ground truth ...
@@ -113,7 +120,11 @@ def export(scored_dir: Path, output: Path, options: ExportOptions, tokenizer) ->
                         threshold=options.threshold, mask_ratio=options.mask_ratio, per_sample_ratio=options.per_sample_ratio,
                         scoring_rejects=sum(s["n_rejects"] for s in manifest.shards))
     cutoff, ties = (None, 0)
-    if options.mask_ratio is not None:
+    if options.mode == "random-mask":
+        stats.seed = options.seed
+        target_tokens, maskable_tokens = _count_target_tokens(shards)
+        positions, next_maskable = masking.random_positions(target_tokens, maskable_tokens, options.mask_ratio, options.seed), 0
+    elif options.mask_ratio is not None:
         cutoff, ties = masking.ratio_cutoff(_all_maskable_nll(shards), options.mask_ratio)
         stats.threshold = math.exp(cutoff) if math.isfinite(cutoff) else None
 
@@ -124,6 +135,8 @@ def export(scored_dir: Path, output: Path, options: ExportOptions, tokenizer) ->
             batch = _Batch(pq.read_table(shard, columns=_READ_COLUMNS))
             if options.mode in ("ground-truth", "self-output"):
                 keep = batch.target.copy()
+            elif options.mode == "random-mask":
+                keep, next_maskable = masking.positions_keep(batch.target, batch.protected, positions, next_maskable)
             elif options.threshold is not None:
                 keep = masking.protect(masking.threshold_keep(batch.logprobs, batch.target, options.threshold), batch.target, batch.protected)
             elif cutoff is not None:
@@ -346,6 +359,16 @@ def _write_ground_truth(scored_dir: Path, choice: SelfOutputChoice, fingerprint:
 
 def _fallback_note(options: ExportOptions) -> str:
     return ": its ground truth is used instead" if options.on_wrong == "ground-truth" else ""
+
+
+def _count_target_tokens(shards: list[Path]) -> tuple[int, int]:
+    """Target tokens of the set, and how many of them may be masked (all but end-of-turn)."""
+    target = maskable = 0
+    for shard in shards:
+        batch = _Batch(pq.read_table(shard, columns=["id", "input_ids", "logprobs", "target", "end_of_turn"]))
+        target += int(batch.target.sum())
+        maskable += int((batch.target & ~batch.protected).sum())
+    return target, maskable
 
 
 def _all_maskable_nll(shards: list[Path]) -> np.ndarray:

@@ -78,6 +78,29 @@ def per_sample_keep(logprobs: np.ndarray, target: np.ndarray, protected: np.ndar
     return target & ~masked
 
 
+def random_positions(target_tokens: int, maskable_tokens: int, ratio: float, seed: int) -> np.ndarray:
+    """The control STM is measured against: which of a set's maskable tokens (numbered 0.. in set
+    order) to mask so that round(ratio * target_tokens) are masked, drawn uniformly with `seed`.
+    `ratio` is a share of all target tokens, as STM's masked share is reported."""
+    if not 0 <= ratio <= 1:
+        raise ValueError("the mask ratio must be between 0 and 1")
+    count = int(round(ratio * target_tokens))
+    if count > maskable_tokens:
+        raise ValueError(f"cannot mask {count} tokens: only {maskable_tokens} target tokens are maskable "
+                         "(the end-of-turn token always stays trained)")
+    return np.sort(np.random.default_rng(seed).choice(maskable_tokens, size=count, replace=False))
+
+
+def positions_keep(target: np.ndarray, protected: np.ndarray, positions: np.ndarray, start: int) -> tuple[np.ndarray, int]:
+    """Apply `random_positions` to one batch whose first maskable token has number `start`.
+    Returns the keep-mask and the number of the next batch's first maskable token."""
+    maskable = np.flatnonzero(target & ~protected)
+    local = positions[(positions >= start) & (positions < start + maskable.size)] - start
+    keep = target.copy()
+    keep[maskable[local]] = False
+    return keep, start + maskable.size
+
+
 def protect(keep: np.ndarray, target: np.ndarray, protected: np.ndarray) -> np.ndarray:
     """Target tokens that must stay trained whatever their perplexity (end-of-turn)."""
     return keep | (target & protected)

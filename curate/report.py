@@ -27,10 +27,23 @@ def threshold_grid(threshold: float) -> list[float]:
 
 
 def build_report(scored_dirs: list[Path], tokenizers: list, threshold: float = masking.DEFAULT_THRESHOLD,
-                 examples: int = 6, top_tokens: int = 30) -> str:
-    """The report page as one HTML string."""
-    import plotly.graph_objects as go
+                 examples: int = 6, top_tokens: int = 30, experiments: list[Path] = ()) -> str:
+    """The report page as one HTML string; `experiments`: `curate experiment` directories, each a section."""
     import plotly.offline
+
+    from curate.report_experiment import experiment_section
+
+    names = [_name(d) for d in scored_dirs] + [_name(d) for d in experiments]
+    sections = [experiment_section(directory) for directory in experiments]
+    if scored_dirs:
+        sections += _scored_sections(scored_dirs, tokenizers, threshold, examples, top_tokens)
+    return _PAGE.format(title=html.escape("curate report: " + ", ".join(names)), plotly=plotly.offline.get_plotlyjs(),
+                        legend=_legend(threshold) if scored_dirs else "", body="\n".join(sections))
+
+
+def _scored_sections(scored_dirs: list[Path], tokenizers: list, threshold: float, examples: int,
+                     top_tokens: int) -> list[str]:
+    import plotly.graph_objects as go
 
     names = [_name(d) for d in scored_dirs]
     grid = threshold_grid(threshold)
@@ -58,14 +71,12 @@ def build_report(scored_dirs: list[Path], tokenizers: list, threshold: float = m
     charts_html = "\n".join(
         f'<section class="chart">{figure.to_html(full_html=False, include_plotlyjs=False, div_id=chart, default_height="380px")}</section>'
         for chart, figure in figures.items())
-    sections = [
+    return [
         _summary_table(names, stats, threshold),
         charts_html,
         *(_set_section(name, directory, tokenizer, threshold, examples, top_tokens)
           for name, directory, tokenizer in zip(names, scored_dirs, tokenizers)),
     ]
-    return _PAGE.format(title=html.escape("curate report: " + ", ".join(names)), plotly=plotly.offline.get_plotlyjs(),
-                        legend=_legend(threshold), body="\n".join(sections))
 
 
 def write_report(scored_dirs: list[Path], output: Path, tokenizers: list, **options) -> Path:

@@ -21,7 +21,7 @@ from fractions import Fraction
 
 from curate.sandbox import Limits, run_python
 
-CHECKERS = ("auto", "none", "math", "exact", "code")
+CHECKERS = ("auto", "none", "math", "exact", "code", "choice")
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,8 @@ def verify(checker: str, answer: str, reference: str | None, extra: dict | None 
         return check_exact(answer, reference)
     if checker == "code":
         return check_code(answer, reference, extra, unsafe=unsafe)
+    if checker == "choice":
+        return check_choice(answer, extra)
     raise ValueError(f"unknown checker {checker!r} (expected one of {', '.join(CHECKERS)})")
 
 
@@ -144,6 +146,30 @@ def check_exact(answer: str, reference: str) -> Verdict:
     if normalise_text(answer) == normalise_text(reference):
         return Verdict(True, "matches the reference")
     return Verdict(False, "differs from the reference")
+
+
+# ---------------------------------------------------------------- choice
+
+
+def check_choice(answer: str, extra: dict | None) -> Verdict:
+    """A free answer to a multiple-choice question (`choices`, `gold` in `extra`) is right when it
+    names the gold choice and no other: a small model answers in sentences, which `exact` never
+    accepts. A choice that is part of the gold's own text (`heat` in `heat energy`) does not count."""
+    if not extra or "choices" not in extra or "gold" not in extra:
+        return Verdict(None, "no choices to check against")
+    def words(text: str) -> str:
+        return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+    said = f" {words(answer)} "
+    choices = [words(choice) for choice in extra["choices"]]
+    gold = choices[int(extra["gold"])]
+    named = [c for c in choices if c and f" {c} " in said]
+    if gold not in named:
+        return Verdict(False, "does not name the gold choice")
+    others = [c for c in named if c != gold and c not in gold]
+    if others:
+        return Verdict(False, f"also names another choice ({others[0]!r})")
+    return Verdict(True, "names the gold choice and no other")
 
 
 # ---------------------------------------------------------------- code

@@ -1,0 +1,102 @@
+"""`curate experiment` end to end, tiny: real model, real ARC-Easy rows, real Axolotl (2 steps), real evals."""
+
+import json
+
+import polars as pl
+import pytest
+import yaml
+
+from conftest import run_curate
+from test_finetune import AXOLOTL_BIN
+from test_report import browser  # noqa: F401  (the real headless chromium fixture)
+
+pytestmark = pytest.mark.slow
+
+MODES = ["ground-truth", "stm"]
+LABELS = ["ground-truth", "stm-tau2.5"]
+
+
+def _config(folder, max_steps: int = 2) -> str:
+    path = folder / f"config-{max_steps}.yml"
+    path.write_text(yaml.safe_dump({"train": "arc_easy", "train_limit": 6, "target": "arc_easy",
+                                    "eval_tasks": ["arc_easy", "piqa"], "eval_limit": 8, "modes": MODES,
+                                    "max_steps": max_steps}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    assert (AXOLOTL_BIN / "axolotl").exists(), "Axolotl's environment is missing: run `make axolotl`"
+    folder = tmp_path_factory.mktemp("experiment")
+    out = folder / "out"
+    run_curate("experiment", _config(folder), "-o", out, "--axolotl", AXOLOTL_BIN / "axolotl")
+    return folder, out
+
+
+def _mean_correct(out, label: str, task: str) -> float:
+    return pl.read_parquet(out / "evals" / label / f"{task}.parquet")["correct"].cast(pl.Float64).mean()
+
+
+def test_ti_and_bwt_are_the_relative_changes_of_the_per_example_results(experiment):
+    _, out = experiment
+    table = json.loads((out / "results.json").read_text())
+    assert list(table["modes"]) == LABELS and table["tasks"] == ["arc_easy", "piqa"]
+    for label in LABELS:
+        base = {task: _mean_correct(out, "base", task) for task in table["tasks"]}
+        tuned = {task: _mean_correct(out, label, task) for task in table["tasks"]}
+        row = table["modes"][label]
+        assert row["ti"] == pytest.approx((tuned["arc_easy"] - base["arc_easy"]) / base["arc_easy"])
+        assert row["bwt"] == pytest.approx((tuned["piqa"] - base["piqa"]) / base["piqa"])
+        for task in table["tasks"]:
+            assert row["absolute"][task]["change"] == pytest.approx(tuned[task] - base[task])
+            low, high = row["absolute"][task]["interval"]
+            assert low <= row["absolute"][task]["change"] <= high
+        assert table["scores"][label]["piqa"]["score"] == pytest.approx(tuned["piqa"])
+    assert "| stm-tau2.5 |" in (out / "results.md").read_text()
+
+
+def test_every_mode_trained_on_the_same_recipe_only_the_data_differs(experiment):
+    _, out = experiment
+    configs = {label: yaml.safe_load((out / "configs" / f"{label}.yml").read_text()) for label in LABELS}
+    for label, config in configs.items():
+        assert config["datasets"][0]["path"] == str(out / "exports" / f"{label}.parquet")
+        config["datasets"][0].pop("path")
+        config.pop("output_dir"), config.pop("dataset_prepared_path")
+        state = json.loads((out / "models" / label / "trainer_state.json").read_text())
+        assert state["global_step"] == 2
+    assert configs["ground-truth"] == configs["stm-tau2.5"]
+    stm = json.loads((out / "exports" / "stm-tau2.5.stats.json").read_text())
+    assert stm["masked_tokens"] > 0
+
+
+def test_training_rows_are_not_among_the_evaluated_ones(experiment):
+    _, out = experiment
+    trained = set(pl.read_ndjson(out / "data" / "train.jsonl")["id"])
+    evaluated = set(pl.read_parquet(out / "evals" / "base" / "arc_easy.parquet")["id"])
+    assert len(trained) == 6 and len(evaluated) == 8 and not trained & evaluated
+
+
+def test_a_rerun_redoes_no_finished_step_and_other_options_are_refused(experiment):
+    folder, out = experiment
+    markers = {p.name: p.stat().st_mtime_ns for p in (out / "steps").iterdir()}
+    rerun = run_curate("experiment", _config(folder), "-o", out, "--axolotl", AXOLOTL_BIN / "axolotl")
+    assert rerun.stderr.count("done before, skipped") == len(markers) and " ...\n" not in rerun.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "steps").iterdir()} == markers
+    refused = run_curate("experiment", _config(folder, max_steps=3), "-o", out, "--axolotl", AXOLOTL_BIN / "axolotl",
+                         check=False)
+    assert refused.returncode == 1 and "max_steps=2" in refused.stderr and "max_steps=3" in refused.stderr
+
+
+def test_the_report_shows_the_experiment_in_a_real_browser(experiment, tmp_path, browser):  # noqa: F811
+    from curate.report_experiment import CHARTS
+
+    _, out = experiment
+    run_curate("report", out, "-o", tmp_path / "report.html")
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto((tmp_path / "report.html").as_uri())
+    for chart in CHARTS:
+        page.wait_for_selector(f"#{chart} .main-svg")
+    assert page.locator("#experiment-modes tr").count() == 1 + len(LABELS) and not errors
+    page.close()
