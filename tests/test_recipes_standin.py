@@ -102,7 +102,8 @@ def stand_in_runs(tmp_path_factory, family_tokenizers_dir, sample_path):
 @pytest.mark.parametrize("model", sorted(p.name for p in RECIPES.iterdir() if p.is_dir()))
 def test_the_modes_of_a_model_differ_only_in_the_comment_naming_their_data(model):
     recipes = {path.stem: path.read_text() for path in (RECIPES / model).glob("*.yml")}
-    assert sorted(recipes) == sorted(MODES)
+    # random-mask is the experiment's control, trained with whichever one recipe the experiment names.
+    assert sorted(recipes) == sorted(set(MODES) - {"random-mask"})
     for mode, text in recipes.items():
         assert f"--mode {mode}" in text.splitlines()[0]
     bodies = {text.split("\n", 1)[1] for text in recipes.values()}
