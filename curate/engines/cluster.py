@@ -16,6 +16,7 @@ directory must be on a filesystem that every node sees.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -81,18 +82,28 @@ class RayEngines:
         self.workers = [actor.remote(backend, str(model_dir), settings) for _ in range(max(replicas, options.max_replicas or 0))]
         self._starting = {worker.describe.remote(): worker for worker in self.workers}
         self._ready: list = []
-        while len(self._ready) < replicas:  # the first `replicas` must be up; the others join when they are
+        self._start_error: Exception | None = None
+        while len(self._ready) < replicas and self._starting:  # the first `replicas` up; the others join when they are
             self._join(ray.wait(list(self._starting), num_returns=1)[0])
+        if not self._ready:
+            raise self._start_error
         self.backend, self.dtype, self.model_name = ray.get(self._ready[0].describe.remote())
 
     def _join(self, started: list) -> list:
         """Replicas whose engine has started (their `describe` returned), now ready for shards."""
         import ray
 
+        from ray.exceptions import RayError
+
         joined = []
         for ref in started:
             worker = self._starting.pop(ref)
-            ray.get(ref)  # an engine that cannot start raises here, with its own error
+            try:
+                ray.get(ref)
+            except RayError as error:  # its engine cannot start (the error says why): one replica fewer
+                logging.getLogger("curate").warning("a replica could not start, the run goes on without it: %s", error)
+                self._start_error = error
+                continue
             joined.append(worker)
         self._ready += joined
         return joined
