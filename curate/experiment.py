@@ -255,7 +255,7 @@ def prepare_data(config: ExperimentConfig, folder: Path) -> None:
     A task with a train split (GSM8K, MBPP) trains on it; one without (ARC, PIQA, ...) is split by
     `curate.benchmarks.split_of(id)`: its `train` rows train, the others evaluate. Multiple-choice
     rows get their gold choice as `reference` (what rephrase shows the model)."""
-    from curate.benchmarks import TASKS, pull, split_of
+    from curate.benchmarks import TASKS, pull, split_of, write_jsonl
 
     folder.mkdir(parents=True, exist_ok=True)
     held_out = {}
@@ -269,14 +269,14 @@ def prepare_data(config: ExperimentConfig, folder: Path) -> None:
             rest = [row for row in everything if split_of(row["id"]) != "train"]
             if config.train in config.eval_tasks:
                 held_out[config.train] = str(folder / f"{config.train}.jsonl")
-                _write_jsonl(folder / f"{config.train}.jsonl", rest)
+                write_jsonl(folder / f"{config.train}.jsonl", rest)
     else:
         rows = _read_jsonl(Path(config.train))
     rows = rows[:config.train_limit] if config.train_limit else rows
     for row in rows:
         if "choices" in row and "gold" in row and "reference" not in row:
             row["reference"] = row["choices"][row["gold"]].strip()
-    _write_jsonl(folder / "train.jsonl", rows)
+    write_jsonl(folder / "train.jsonl", rows)
     (folder / "eval.json").write_text(json.dumps(held_out, indent=1) + "\n")
 
 
@@ -482,7 +482,3 @@ def _read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in lines if line.strip()]
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")

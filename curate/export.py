@@ -364,10 +364,12 @@ def _fallback_note(options: ExportOptions) -> str:
 def _count_target_tokens(shards: list[Path]) -> tuple[int, int]:
     """Target tokens of the set, and how many of them may be masked (all but end-of-turn)."""
     target = maskable = 0
-    for shard in shards:
-        batch = _Batch(pq.read_table(shard, columns=["id", "input_ids", "logprobs", "target", "end_of_turn"]))
-        target += int(batch.target.sum())
-        maskable += int((batch.target & ~batch.protected).sum())
+    for shard in shards:  # the two boolean columns only, not the token ids and log-probabilities
+        table = pq.read_table(shard, columns=["target", "end_of_turn"])
+        is_target, end_of_turn = (table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(bool)
+                                  for name in ("target", "end_of_turn"))
+        target += int(is_target.sum())
+        maskable += int((is_target & ~end_of_turn).sum())
     return target, maskable
 
 

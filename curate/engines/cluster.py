@@ -87,7 +87,6 @@ class RayEngines:
             self._join(ray.wait(list(self._starting), num_returns=1)[0])
         if not self._ready:
             raise self._start_error
-        self.backend, self.dtype, self.model_name = ray.get(self._ready[0].describe.remote())
 
     def _join(self, started: list) -> list:
         """Replicas whose engine has started (their `describe` returned), now ready for shards."""
@@ -99,7 +98,7 @@ class RayEngines:
         for ref in started:
             worker = self._starting.pop(ref)
             try:
-                ray.get(ref)
+                self.backend, self.dtype, self.model_name = ray.get(ref)
             except RayError as error:  # its engine cannot start (the error says why): one replica fewer
                 logging.getLogger("curate").warning("a replica could not start, the run goes on without it: %s", error)
                 self._start_error = error
