@@ -247,6 +247,8 @@ def export(scored, output, mode, on_wrong, ground_truth, keep_unfinished, thresh
             stats = run_export(scored, output, options, tokenizer)
     except StoreError as error:
         raise click.ClickException(str(error)) from None
+    for warning in stats.warnings:  # shown even with --quiet
+        click.echo(f"warning: {warning}", err=True)
     _report(stats, quiet, as_json, title=f"curate export ({mode})")
 
 

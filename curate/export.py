@@ -27,6 +27,9 @@ from curate.store import StoreError, open_scored, require_tokenizer
 
 MODES = ("ground-truth", "stm", "self-output", "random-mask")
 IGNORE_INDEX = -100  # the label PyTorch's cross-entropy (and so Axolotl) leaves out of the loss
+# STM masking more than this share of the target tokens: answers too short for it (a few words whose
+# content is the surprising part), where STM trains mostly template tokens (README, the ARC-Easy experiment).
+SHORT_ANSWER_SHARE = 0.5
 
 TRAIN_SCHEMA = pa.schema(
     [
@@ -101,6 +104,7 @@ class ExportStats:
     tokenizer: str = ""
     model: str | None = None  # the model the set was scored with, and its fingerprint (check-recipe reads them)
     model_fingerprint: str | None = None
+    warnings: list[str] = field(default_factory=list)  # what a user should know before training on the set
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -153,8 +157,17 @@ def export(scored_dir: Path, output: Path, options: ExportOptions, tokenizer) ->
             stats.prompts_dropped = len(choice.unanswered) - fallbacks
     totals.fill(stats)
     stats.dropped = writer.dropped_counts
+    if options.mode == "stm" and stats.masked_ratio > SHORT_ANSWER_SHARE:
+        stats.warnings.append(short_answer_warning(stats.masked_ratio))
     stats_path(output).write_text(stats.to_json() + "\n")
     return stats
+
+
+def short_answer_warning(masked_ratio: float) -> str:
+    return (f"STM masked {masked_ratio:.0%} of the target tokens (over {SHORT_ANSWER_SHARE:.0%}): STM is meant for long "
+            "answers (code, worked solutions), where it masks 20-25%; on short answers it masks their content and "
+            "trains mostly the end-of-turn token. Mask a fixed share of the most surprising tokens instead, "
+            "e.g. --mask-ratio 0.2, or train on the ground truth.")
 
 
 def stats_path(output: Path) -> Path:

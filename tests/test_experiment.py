@@ -100,3 +100,44 @@ def test_the_report_shows_the_experiment_in_a_real_browser(experiment, tmp_path,
         page.wait_for_selector(f"#{chart} .main-svg")
     assert page.locator("#experiment-modes tr").count() == 1 + len(LABELS) and not errors
     page.close()
+
+
+# ---------------------------------------------------------------- the short-answer trap (no Axolotl needed)
+
+
+@pytest.fixture(scope="module")
+def scored_tasks(tmp_path_factory, model_dir, hf_engine, chat_tokenizer):
+    """The first training rows of ARC-Easy (answers of a few words) and GSM8K (worked solutions), really scored."""
+    from curate.benchmarks import split_of, write_jsonl
+    from curate.evaluate import task_file
+    from curate.experiment import _read_jsonl
+    from curate.score import score_dataset
+
+    folder, scored = tmp_path_factory.mktemp("short-answers"), {}
+    for task, split in (("arc_easy", "test"), ("gsm8k", "train")):
+        rows = [row for row in _read_jsonl(task_file(task, split)) if split_of(row["id"]) == "train"][:12]
+        write_jsonl(folder / f"{task}.jsonl", rows)
+        scored[task] = folder / f"{task}-scored"
+        score_dataset(folder / f"{task}.jsonl", scored[task], hf_engine, chat_tokenizer, model_name="default",
+                      model_dir=model_dir)
+    return folder, scored
+
+
+def test_stm_on_short_answers_warns_and_names_mask_ratio(scored_tasks):
+    folder, scored = scored_tasks
+    shown = run_curate("export", scored["arc_easy"], "-o", folder / "arc-stm.parquet", "--mode", "stm", "--quiet")
+    stats = json.loads((folder / "arc-stm.stats.json").read_text())
+    assert stats["masked_ratio"] > 0.5
+    assert "warning:" in shown.stderr and "long answers" in shown.stderr and "--mask-ratio" in shown.stderr
+    assert stats["warnings"] and "--mask-ratio" in stats["warnings"][0]
+    by_share = run_curate("export", scored["arc_easy"], "-o", folder / "arc-ratio.parquet", "--mode", "stm",
+                          "--mask-ratio", "0.2", "--quiet")
+    assert "warning:" not in by_share.stderr
+    assert 0 < json.loads((folder / "arc-ratio.stats.json").read_text())["masked_ratio"] <= 0.2
+
+
+def test_stm_on_worked_solutions_masks_under_half_and_does_not_warn(scored_tasks):
+    folder, scored = scored_tasks
+    shown = run_curate("export", scored["gsm8k"], "-o", folder / "gsm8k-stm.parquet", "--mode", "stm", "--quiet")
+    stats = json.loads((folder / "gsm8k-stm.stats.json").read_text())
+    assert 0.1 < stats["masked_ratio"] < 0.5 and not stats["warnings"] and "warning:" not in shown.stderr
