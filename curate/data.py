@@ -8,12 +8,16 @@ a plain reason; the caller sends it to the rejects file. No row is ever dropped 
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import json
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
+
+from curate.errors import CurateError
 
 T = TypeVar("T")
 
@@ -63,21 +67,33 @@ class Fields:
     response: str | None = None
     reference: str = "reference"
     id: str = "id"
+    split: str | None = None  # which split of a directory input (a DatasetDict, a hub download) to read
 
 
 # ---------------------------------------------------------------- readers
 
 
-def read_records(path: Path, start: int = 0) -> Iterator[tuple[int, dict | RowError]]:
-    """Yield (row, record) from row `start` on. Formats by extension or directory layout."""
+class InputError(CurateError, ValueError):
+    """The input as a whole cannot be read (its format, its encoding, a missing --split): the
+    message names the file and where in it, and the run stops before touching its output."""
+
+
+# Streams read through pyarrow's codecs: `data.jsonl.gz`, `data.jsonl.zst`, `data.csv.bz2`, ...
+_COMPRESSION = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2", ".lz4": "lz4"}
+_SPLIT_FILE = re.compile(r"(?P<split>[A-Za-z][\w.]*?)-\d+-of-\d+")  # train-00000-of-00003.parquet
+
+
+def read_records(path: Path, start: int = 0, split: str | None = None) -> Iterator[tuple[int, dict | RowError]]:
+    """Yield (row, record) from row `start` on. Formats by extension or directory layout; a
+    directory holding several splits (a DatasetDict, a hub download) needs `split`."""
     path = Path(path)
     if path.is_dir():
-        if (path / "manifest.json").exists():
-            yield from _read_parquet_files(recorded_shards(path), start)
-        else:
-            yield from _read_datasets_dir(path, start)
+        yield from _read_directory(path, start, split)
         return
-    suffix = path.suffix.lower()
+    if split is not None:
+        raise InputError(f"{path}: --split names a split of a directory input (a DatasetDict or a folder of "
+                         "Parquet shards); a single file has none")
+    suffix = _format_suffix(path)
     if suffix in (".jsonl", ".ndjson"):
         yield from _read_jsonl(path, start)
     elif suffix == ".json":
@@ -87,7 +103,51 @@ def read_records(path: Path, start: int = 0) -> Iterator[tuple[int, dict | RowEr
     elif suffix in (".csv", ".tsv"):
         yield from _read_csv(path, start, delimiter="\t" if suffix == ".tsv" else ",")
     else:
-        raise ValueError(f"{path}: unknown input format {suffix!r} (use .jsonl, .json, .parquet, .csv or a `datasets` directory)")
+        raise InputError(f"{path}: unknown input format {''.join(path.suffixes) or path.name!r} (use .jsonl, .json, "
+                         ".parquet, .csv, .tsv, compressed .gz/.zst, or a directory: `datasets` save_to_disk, "
+                         "a DatasetDict with --split, or a folder of Parquet shards)")
+
+
+def check_input(path: Path, fields: Fields | None = None) -> None:
+    """Open the input and read its first row, so that a run fails on a bad input before it
+    touches its output directory (`--overwrite` included)."""
+    records = read_records(path, split=fields.split if fields else None)
+    try:
+        next(records, None)
+    finally:
+        records.close()
+
+
+def _format_suffix(path: Path) -> str:
+    """`.jsonl` for data.jsonl and data.jsonl.gz alike."""
+    suffix = path.suffix.lower()
+    return Path(path.stem).suffix.lower() if suffix in _COMPRESSION else suffix
+
+
+def _open_bytes(path: Path):
+    """The file's bytes, decompressed where its name says it is compressed."""
+    codec = _COMPRESSION.get(path.suffix.lower())
+    if codec is None:
+        return open(path, "rb")
+    import pyarrow as pa
+
+    return io.BufferedReader(pa.input_stream(str(path), compression=codec))
+
+
+def _lines(path: Path) -> Iterator[bytes]:
+    """Lines as bytes (each decoded on its own, so one bad line is one reject); a stream that
+    cannot be decompressed is an error naming the file and the line it stopped at."""
+    with _open_bytes(path) as handle:
+        number = 0
+        while True:
+            try:
+                line = handle.readline()
+            except (OSError, EOFError) as error:
+                raise InputError(f"{path}: cannot be read after line {number}: {error}") from None
+            if not line:
+                return
+            number += 1
+            yield line
 
 
 def recorded_shards(directory: Path) -> list[Path]:
@@ -99,32 +159,52 @@ def recorded_shards(directory: Path) -> list[Path]:
 
 
 def _read_jsonl(path: Path, start: int) -> Iterator[tuple[int, dict | RowError]]:
-    with open(path, encoding="utf-8") as lines:
-        for row, line in enumerate(lines):
-            if row < start:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                yield row, RowError(row, f"line {row + 1} is not valid JSON: {error.msg}", raw=line.rstrip("\n"))
-                continue
-            if not isinstance(record, dict):
-                yield row, RowError(row, f"line {row + 1} is a JSON {type(record).__name__}, not an object", raw=line.rstrip("\n"))
-                continue
-            yield row, record
+    for row, raw in enumerate(_lines(path)):
+        if row < start:
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            yield row, RowError(row, f"line {row + 1} is not UTF-8 text (byte 0x{raw[error.start]:02x} at column "
+                                     f"{error.start + 1}); re-encode the file as UTF-8",
+                                raw=raw.decode("utf-8", "backslashreplace").rstrip("\r\n"))
+            continue
+        if row == 0:
+            line = line.removeprefix("\ufeff")  # a byte-order mark, as Excel and some editors write
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            yield row, RowError(row, f"line {row + 1} is not valid JSON: {error.msg} (column {error.colno})",
+                                raw=line.rstrip("\r\n"))
+            continue
+        if not isinstance(record, dict):
+            yield row, RowError(row, f"line {row + 1} is a JSON {type(record).__name__}, not an object", raw=line.rstrip("\r\n"))
+            continue
+        yield row, record
 
 
 def _read_json(path: Path, start: int) -> Iterator[tuple[int, dict | RowError]]:
-    """A JSON array of objects (read whole: JSON arrays cannot be streamed cheaply)."""
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
+    """A JSON array of objects, one object (one row), or `{"data": [...]}` (read whole: JSON
+    arrays cannot be streamed cheaply). JSON lines named .json are read as JSON lines."""
+    with _open_bytes(path) as handle:
+        data = handle.read()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise InputError(f"{path}: line {line} is not UTF-8 text (byte 0x{data[error.start]:02x}); re-encode the "
+                         "file as UTF-8") from None
     try:
         records = json.loads(text)
-    except json.JSONDecodeError:
-        yield from _read_jsonl(path, start)  # many `.json` files are really JSON lines
-        return
+    except json.JSONDecodeError as error:
+        if error.msg == "Extra data":  # one JSON value after another: JSON lines
+            yield from _read_jsonl(path, start)
+            return
+        raise InputError(f"{path}: not valid JSON at line {error.lineno}, column {error.colno}: {error.msg}") from None
     if isinstance(records, dict):
-        records = next((v for v in records.values() if isinstance(v, list)), [records])
+        lists = [value for value in records.values() if isinstance(value, list) and value and isinstance(value[0], dict)]
+        wrapped = len(lists) == 1 and not (_SHAPE_COLUMNS & records.keys())
+        records = lists[0] if wrapped else [records]
     for row, record in enumerate(records):
         if row < start:
             continue
@@ -135,13 +215,33 @@ def _read_json(path: Path, start: int) -> Iterator[tuple[int, dict | RowError]]:
 
 
 def _read_csv(path: Path, start: int, delimiter: str) -> Iterator[tuple[int, dict | RowError]]:
-    with open(path, encoding="utf-8", newline="") as handle:
+    """CSV/TSV with a header row; a byte-order mark is ignored, a row that is not UTF-8 is a reject."""
+    with io.TextIOWrapper(_open_bytes(path), encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
         for row, record in enumerate(csv.DictReader(handle, delimiter=delimiter)):
-            if row >= start:
-                if None in record:
-                    yield row, RowError(row, "more cells than header columns", raw=delimiter.join(map(str, record.pop(None))))
-                else:
-                    yield row, record
+            if row < start:
+                continue
+            if None in record:
+                yield row, RowError(row, "more cells than header columns", raw=delimiter.join(map(str, record.pop(None))))
+                continue
+            undecodable = next((key for key, value in record.items() if not _is_utf8(key) or not _is_utf8(value)), None)
+            if undecodable is not None:
+                raw = delimiter.join(str(v).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                                     for v in record.values())
+                yield row, RowError(row, "not UTF-8 text; re-encode the file as UTF-8", field=_printable(undecodable), raw=raw)
+                continue
+            yield row, record
+
+
+def _is_utf8(text) -> bool:
+    try:
+        text is None or text.encode("utf-8")
+    except UnicodeEncodeError:  # surrogate-escaped bytes that were not UTF-8
+        return False
+    return True
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _read_parquet_files(files: list[Path], start: int) -> Iterator[tuple[int, dict | RowError]]:
@@ -160,6 +260,51 @@ def _read_parquet_files(files: list[Path], start: int) -> Iterator[tuple[int, di
                 row += 1
 
 
+def _read_directory(path: Path, start: int, split: str | None) -> Iterator[tuple[int, dict | RowError]]:
+    """A curate run, a `datasets` save_to_disk directory (a Dataset, or a DatasetDict with
+    `split`), or a folder of Parquet shards (as `hf download` leaves them)."""
+    if (path / "manifest.json").exists():
+        _no_split(path, split, "a curate run")
+        yield from _read_parquet_files(recorded_shards(path), start)
+    elif (path / "dataset_dict.json").exists():
+        splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
+        yield from _read_datasets_dir(path / _chosen_split(path, splits, split), start)
+    elif (path / "state.json").exists():
+        _no_split(path, split, "one `datasets` Dataset")
+        yield from _read_datasets_dir(path, start)
+    else:
+        shards = sorted(p for p in path.rglob("*.parquet") if not any(part.startswith(".") for part in p.relative_to(path).parts))
+        if not shards:
+            raise InputError(f"{path}: a directory input must be a `datasets` save_to_disk directory (state.json or "
+                             "dataset_dict.json), a curate run (manifest.json) or a folder of .parquet files; it is none")
+        by_split: dict[str | None, list[Path]] = {}
+        for shard in shards:
+            by_split.setdefault(_split_of(shard.relative_to(path)), []).append(shard)
+        chosen = _chosen_split(path, sorted(by_split, key=str), split) if len(by_split) > 1 or split else next(iter(by_split))
+        yield from _read_parquet_files(by_split[chosen], start)
+
+
+def _split_of(relative: Path) -> str | None:
+    """`train` for train-00000-of-00002.parquet and for train/0000.parquet; None for part-0.parquet."""
+    named = _SPLIT_FILE.fullmatch(relative.stem)
+    if named:
+        return named["split"]
+    return relative.parent.name if relative.parent.name else None
+
+
+def _chosen_split(path: Path, splits: list, split: str | None):
+    if split is None:
+        raise InputError(f"{path} holds the splits {', '.join(map(str, splits))}: name one with --split")
+    if split not in splits:
+        raise InputError(f"{path} has no split {split!r}; it holds {', '.join(map(str, splits))}")
+    return split
+
+
+def _no_split(path: Path, split: str | None, what: str) -> None:
+    if split is not None:
+        raise InputError(f"{path} is {what}, with no splits to choose from: leave out --split")
+
+
 def _read_datasets_dir(path: Path, start: int) -> Iterator[tuple[int, dict | RowError]]:
     """A directory written by `datasets.Dataset.save_to_disk`: Arrow stream files listed in
     state.json. Read with pyarrow directly, so `datasets` is not needed at run time."""
@@ -167,7 +312,7 @@ def _read_datasets_dir(path: Path, start: int) -> Iterator[tuple[int, dict | Row
 
     state_file = path / "state.json"
     if not state_file.exists():
-        raise ValueError(f"{path}: a directory input must be a `datasets` save_to_disk directory (no state.json found)")
+        raise InputError(f"{path}: not a `datasets` save_to_disk directory (no state.json found)")
     files = [path / entry["filename"] for entry in json.loads(state_file.read_text())["_data_files"]]
     row = 0
     for file in files:
@@ -184,7 +329,7 @@ def read_in_chunks(path: Path, prepare: Callable[[Example], T], fields: Fields =
     """Chunks of `size` input rows from row `start` on, normalised and passed to `prepare`
     (which may raise `RowError`): (end row, [(example, prepared)], reject records). Each input
     row is in exactly one of the two lists; a chunk of only rejects is yielded too."""
-    records = read_records(path, start=start)
+    records = read_records(path, start=start, split=fields.split)
     while chunk := list(itertools.islice(records, size)):
         yield (chunk[-1][0] + 1, *prepare_rows(chunk, prepare, fields, str(path)))
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from curate.data import Example, Fields, RowError
+from curate.data import Example, Fields, RowError, check_input
 from curate.engines.base import Answers, Engine, SamplingOptions
 from curate.models import tokenizer_fingerprint
 from curate.pipeline import Shard, plan, run_shards
@@ -106,7 +106,7 @@ def generate_dataset(
             "fields": asdict(fields), "max_length": chat_tokenizer.max_length, "truncate": False,
             "targets": chat_tokenizer.options(), "shard_rows": shard_rows, "limit": limit,
             "sampling": asdict(sampling), "checker": checker, "rephrase": rephrase}
-    writer = ShardWriter(output_dir, meta, schema=GENERATED_SCHEMA, resume=resume, overwrite=overwrite)
+    check_input(input_path, fields)
 
     def prompt_ids(example: Example) -> list[int]:
         ids = chat_tokenizer.prompt_ids(prompt_of(example, rephrase), row=example.row)
@@ -115,9 +115,10 @@ def generate_dataset(
         return ids
 
     step = GenerateStep(tokenizer, sampling, checker, verify_workers, unsafe_verify)
-    run_shards(step, engine, plan(input_path, prompt_ids, fields, writer, limit), writer, on_progress)
-    summary = _summarise(output_dir, writer, time.perf_counter() - started, engine.backend)
-    writer.finish(asdict(summary))
+    with ShardWriter(output_dir, meta, schema=GENERATED_SCHEMA, resume=resume, overwrite=overwrite) as writer:
+        run_shards(step, engine, plan(input_path, prompt_ids, fields, writer, limit), writer, on_progress)
+        summary = _summarise(output_dir, writer, time.perf_counter() - started, engine.backend)
+        writer.finish(asdict(summary))
     return summary
 
 

@@ -89,6 +89,19 @@ def resolve_model(model: str | None) -> Path:
     return Path(snapshot_download(model))
 
 
+def model_context(model_dir: Path) -> int | None:
+    """Positions the model was built for (config.json), or None where the config does not say."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for settings in (config, config.get("text_config") or {}):
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            if isinstance(settings.get(key), int):
+                return settings[key]
+    return None
+
+
 @lru_cache(maxsize=8)
 def load_tokenizer(model_dir: Path):
     from transformers import AutoTokenizer

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import pyarrow as pa
 
+from curate.errors import CurateError
 from curate.data import Example, Fields, prefetched, prepare_rows, read_records
 from curate.store import ShardWriter, write_shard_file
 
@@ -58,7 +59,7 @@ class Step(Protocol):
     def tokens(self, shard: Shard, inferred: Any) -> int: ...
 
 
-class ShardsFailed(Exception):
+class ShardsFailed(CurateError):
     """Some shards raised; every other shard is committed and `--resume` redoes just these."""
 
     def __init__(self, directory: Path, failures: list[tuple[Shard, str]]):
@@ -76,7 +77,7 @@ def plan(input_path: Path, prepare: Callable[[Example], Any], fields: Fields, wr
     first = next(index for index in itertools.count() if index not in recorded)
 
     def shards() -> Iterator[Shard]:
-        records = read_records(input_path, start=first * size)
+        records = read_records(input_path, start=first * size, split=fields.split)
         if limit is not None:
             records = itertools.takewhile(lambda item: item[0] < limit, records)
         for index, rows in itertools.groupby(records, key=lambda item: item[0] // size):

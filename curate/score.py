@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
-from curate.data import Example, Fields, normalise
+from curate.data import Example, Fields, check_input, normalise
 from curate.engines.base import Engine
 from curate.models import model_fingerprint, tokenizer_fingerprint
 from curate.pipeline import Shard, plan, run_shards
@@ -73,11 +73,12 @@ def score_dataset(
         "truncate": chat_tokenizer.truncate,
         "shard_rows": shard_rows, "limit": limit,
     }
-    writer = ShardWriter(output_dir, meta, resume=resume, overwrite=overwrite)
-    shards = plan(input_path, lambda example: chat_tokenizer.encode(example.row, example.messages), fields, writer, limit)
-    run_shards(ScoreStep(), engine, shards, writer, on_progress)
-    summary = summarise_scored(output_dir, writer, time.perf_counter() - started, engine.backend, model_name)
-    writer.finish(asdict(summary))
+    check_input(input_path, fields)
+    with ShardWriter(output_dir, meta, resume=resume, overwrite=overwrite) as writer:
+        shards = plan(input_path, lambda example: chat_tokenizer.encode(example.row, example.messages), fields, writer, limit)
+        run_shards(ScoreStep(), engine, shards, writer, on_progress)
+        summary = summarise_scored(output_dir, writer, time.perf_counter() - started, engine.backend, model_name)
+        writer.finish(asdict(summary))
     return summary
 
 

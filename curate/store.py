@@ -11,22 +11,33 @@ discarded and redone, so every input row ends up exactly once, whatever order sh
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import re
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curate.errors import CurateError
+
 # 2: `end_of_turn` per token, `weight` per message, the model's fingerprint in the manifest.
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 JOURNAL = "shards.jsonl"
 REJECTS = "rejects.jsonl"
+LOCK = ".curate.lock"  # held (flock) by the one process writing the directory
 METADATA_KEY = b"curate"
+SHARD_KEY = b"curate_shard"  # in each shard file: which shard of which run it is
+
+# Files a curate run writes into its directory; anything else there is the user's, and never touched.
+_OURS = re.compile(r"(part-\d{5}\.parquet|manifest\.json|rejects\.jsonl|shards\.jsonl)(\.partial)?|\.curate\.lock")
 
 # weight: Axolotl's per-message flag; 0 = context only, never trained (null = trained).
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string()), ("weight", pa.int8())])
@@ -50,7 +61,7 @@ SCORED_SCHEMA = pa.schema(
 )
 
 
-class StoreError(Exception):
+class StoreError(CurateError):
     pass
 
 
@@ -87,12 +98,15 @@ def read_manifest(directory: Path) -> Manifest:
                          f"curate reads {FORMAT_VERSION}: end-of-turn is now stored per token); score it again")
     shards = list(data["shards"])
     known = {shard["file"] for shard in shards}
+    run = data["meta"].get("run")
     journal = Path(directory) / JOURNAL
     if journal.exists():
         for line in journal.read_text().splitlines():
             try:
                 shard = json.loads(line)
             except json.JSONDecodeError:  # a line torn by a crash: that shard was never committed
+                continue
+            if shard.get("run") != run:  # another run's line (one that wrote here before this one started)
                 continue
             if shard["file"] not in known:
                 shards.append(shard)
@@ -106,18 +120,18 @@ def shard_name(index: int) -> str:
 
 def write_shard_file(directory: Path, index: int, table: pa.Table, schema: pa.Schema) -> tuple[str, int, str]:
     """Write shard `index` under a temporary name, sync it and rename it into place: a reader (or
-    a retried task writing the same shard) never sees half a file. Returns (file, rows, sha256)."""
+    a retried task writing the same shard) never sees half a file. Returns (file, rows, sha256).
+    The file's metadata names its shard, so a shard copied over another is caught on reading."""
     name = shard_name(index)
     partial = Path(directory) / (name + ".partial")
+    schema = schema.with_metadata({**(schema.metadata or {}), SHARD_KEY: str(index).encode()})
     pq.write_table(table.cast(schema), partial, compression="zstd")
-    digest = hashlib.sha256()
     with open(partial, "rb") as handle:
-        for block in iter(lambda: handle.read(2**20), b""):
-            digest.update(block)
         os.fsync(handle.fileno())
+    sha256 = file_sha256(partial)
     os.replace(partial, Path(directory) / name)
     _fsync_directory(Path(directory))
-    return name, table.num_rows, digest.hexdigest()
+    return name, table.num_rows, sha256
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -138,7 +152,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 # Recorded by the writer itself, not an option of the run.
-_NOT_OPTIONS = ("started",)
+_NOT_OPTIONS = ("started", "run")
 
 
 class ShardWriter:
@@ -148,26 +162,59 @@ class ShardWriter:
     names and fills every shard exactly as the first one would have."""
 
     def __init__(self, directory: Path, meta: dict, schema: pa.Schema = SCORED_SCHEMA, resume: bool = False, overwrite: bool = False):
+        if resume and overwrite:
+            raise StoreError("--resume and --overwrite contradict each other: give one")
         self.directory = Path(directory)
         if "input" in meta:  # the one place that writes a run: it never writes into, over or around its input
             refuse_overlap(Path(meta["input"]["path"]), self.directory)
-        self.schema = schema.with_metadata({METADATA_KEY: json.dumps(_file_meta(meta)).encode()})
         self.shard_rows = meta.get("shard_rows", 512)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock = _take_lock(self.directory)
+        try:
+            self.manifest = self._open(meta, resume, overwrite)
+            file_meta = _file_meta(self.manifest.meta)
+            self.schema = schema.with_metadata({METADATA_KEY: json.dumps(file_meta).encode()})
+            self._save_manifest()  # a resumed run folds its journal into the manifest and starts a fresh one
+            (self.directory / JOURNAL).unlink(missing_ok=True)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, meta: dict, resume: bool, overwrite: bool) -> Manifest:
+        """The manifest this run continues (resume) or starts, after refusing every unsafe case."""
+        foreign = foreign_files(self.directory)
+        if foreign:
+            shown = ", ".join(sorted(foreign)[:5]) + (", ..." if len(foreign) > 5 else "")
+            raise StoreError(f"{self.directory} holds files that curate did not write ({shown}); curate never deletes "
+                             "or mixes into them, whatever the flags: choose an empty or new output directory")
         existing = self.directory / MANIFEST
         if existing.exists() and resume:
-            self.manifest = read_manifest(self.directory)
-            _check_same_run(self.directory, self.manifest.meta, meta)
-            self._discard_unrecorded()
-        elif existing.exists() and not overwrite:
+            manifest = read_manifest(self.directory)
+            _check_same_run(self.directory, manifest.meta, meta)
+            verify_shards(self.directory, manifest, full=True)
+            self._discard_unrecorded(manifest)
+            return manifest
+        if existing.exists() and not overwrite:
             raise StoreError(f"{self.directory} already holds a run; pass --resume to finish it or --overwrite to start again")
-        else:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            for stale in [*self.directory.glob("part-*.parquet*"), self.directory / REJECTS, self.directory / JOURNAL, existing]:
-                if not stale.is_dir():  # files of ours only; a directory in the way fails its shard, loudly
-                    stale.unlink(missing_ok=True)
-            self.manifest = Manifest(meta={**meta, "started": time.time()})
-        self._save_manifest()  # a resumed run folds its journal into the manifest and starts a fresh one
-        (self.directory / JOURNAL).unlink(missing_ok=True)
+        if resume:
+            raise StoreError(f"{self.directory}: nothing to resume (no {MANIFEST}); run the command without --resume")
+        for ours in self.directory.iterdir():  # --overwrite: only what a curate run wrote here
+            if ours.name != LOCK and ours.is_file():
+                ours.unlink()
+        _fsync_directory(self.directory)
+        return Manifest(meta={**meta, "started": time.time(), "run": uuid.uuid4().hex})
+
+    def close(self) -> None:
+        """Release the directory for the next run (also released if this process dies)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def recorded(self) -> set[int]:
         """Indexes of the committed shards."""
@@ -183,7 +230,8 @@ class ShardWriter:
             os.fsync(handle.fileno())
             rejects_bytes = handle.tell()
         shard = {"file": file, "rows": list(rows), "n_rows": n_rows, "n_rejects": len(rejects),
-                 "rejects_bytes": rejects_bytes, "sha256": sha256}
+                 "rejects_bytes": rejects_bytes, "sha256": sha256,
+                 "bytes": (self.directory / file).stat().st_size, "run": self.manifest.meta["run"]}
         with open(self.directory / JOURNAL, "ab") as handle:
             handle.write((json.dumps(shard) + "\n").encode())
             handle.flush()
@@ -205,19 +253,52 @@ class ShardWriter:
     def _save_manifest(self) -> None:
         _write_atomic(self.directory / MANIFEST, json.dumps(self.manifest.to_json(), indent=1).encode())
 
-    def _discard_unrecorded(self) -> None:
-        recorded = {shard["file"] for shard in self.manifest.shards}
+    def _discard_unrecorded(self, manifest: Manifest) -> None:
+        recorded = {shard["file"] for shard in manifest.shards}
         for path in self.directory.glob("part-*.parquet*"):
-            if path.name not in recorded and not path.is_dir():
+            if path.name not in recorded and path.is_file():
                 path.unlink()
         rejects = self.directory / REJECTS
         with open(rejects, "ab") as handle:
-            handle.truncate(self.manifest.rejects_bytes)
-        self.manifest.complete = False
+            handle.truncate(manifest.rejects_bytes)
+        manifest.complete = False
+
+
+def _take_lock(directory: Path):
+    """An exclusive lock on the directory for this process's lifetime: a second writer is refused."""
+    handle = open(directory / LOCK, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        if error.errno not in (errno.EAGAIN, errno.EACCES):
+            handle.close()
+            raise
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise StoreError(f"{directory} is being written by another curate run (PID {holder}); wait for it to "
+                         "finish or stop it, or write to another directory") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def foreign_files(directory: Path) -> list[str]:
+    """Entries of `directory` that no curate run wrote. Without a manifest, a shard-like name is
+    not ours either: `part-00007.parquet` is also what Spark and `datasets` call their files."""
+    has_manifest = (Path(directory) / MANIFEST).exists()
+    foreign = []
+    for entry in Path(directory).iterdir():
+        ours = entry.is_file() and _OURS.fullmatch(entry.name)
+        if not ours or (not has_manifest and entry.name not in (LOCK, MANIFEST + ".partial")):
+            foreign.append(entry.name)
+    return foreign
 
 
 def _file_meta(meta: dict) -> dict:
-    return {key: meta.get(key) for key in ("kind", "model", "model_fingerprint", "tokenizer", "backend", "dtype")}
+    return {key: meta.get(key) for key in ("kind", "model", "model_fingerprint", "tokenizer", "backend", "dtype", "run")}
 
 
 def _check_same_run(directory: Path, recorded: dict, wanted: dict) -> None:
@@ -228,32 +309,98 @@ def _check_same_run(directory: Path, recorded: dict, wanted: dict) -> None:
                              f"({recorded.get(key)!r} != {wanted.get(key)!r}); use --overwrite to start again")
 
 
-def refuse_overlap(input_path: Path, output_dir: Path) -> None:
-    """An output directory that is, holds or sits inside the input would destroy it."""
-    source, target = Path(input_path).resolve(), Path(output_dir).resolve()
-    if source == target or target in source.parents or (source.is_dir() and source in target.parents):
-        raise StoreError(f"{output_dir} overlaps the input {input_path}: a run never writes into, over or "
-                         "around its own input; choose another output directory")
+def refuse_overlap(input_path: Path, output_path: Path) -> None:
+    """An output that is, holds or sits inside an input would destroy it (a file or a directory)."""
+    source, target = Path(input_path).resolve(), Path(output_path).resolve()
+    if source == target or target in source.parents or source in target.parents:
+        raise StoreError(f"{output_path} overlaps the input {input_path}: curate never writes into, over or "
+                         "around its own input; choose another output")
+
+
+# Inputs up to this size are hashed whole; larger ones by size plus evenly spaced samples.
+FULL_HASH_BYTES = 2**30
+_SAMPLES, _SAMPLE_BYTES = 64, 2**20
 
 
 def input_fingerprint(path: Path) -> dict:
-    """Identifies an input for resume: path, size, mtime (hashing a large file costs a full read)."""
+    """Identifies an input for resume by its content: sha256 of every byte, or, for inputs over
+    FULL_HASH_BYTES, of the size and 64 evenly spaced 1 MiB samples (`hash` says which). An edit
+    that keeps the size and the mtime still changes it."""
     path = Path(path).resolve()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    return {"path": str(path), "bytes": sum(p.stat().st_size for p in files),
-            "mtime_ns": max(p.stat().st_mtime_ns for p in files)}
+    if path.is_dir():  # a run's own lock and journal are not its content
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name not in (LOCK, JOURNAL))
+    else:
+        files = [path]
+    total = sum(p.stat().st_size for p in files)
+    sampled = total > FULL_HASH_BYTES
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.relative_to(path) if path.is_dir() else file.name}\0{file.stat().st_size}\0".encode())
+        with open(file, "rb") as handle:
+            if not sampled:
+                for block in iter(lambda: handle.read(2**20), b""):
+                    digest.update(block)
+                continue
+            size = file.stat().st_size
+            for k in range(_SAMPLES):
+                handle.seek(max(0, (size - _SAMPLE_BYTES) * k // (_SAMPLES - 1)))
+                digest.update(handle.read(_SAMPLE_BYTES))
+    return {"path": str(path), "bytes": total, "sha256": digest.hexdigest(),
+            "hash": "sampled-sha256" if sampled else "sha256"}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_shards(directory: Path, manifest: Manifest, full: bool = False) -> None:
+    """Check every recorded shard is the file the run wrote: present, same size and row count, and
+    naming itself as that shard of this run (cheap: the Parquet footer); with `full`, same sha256.
+    A shard lost, truncated or copied over another is an error naming it, never silently read."""
+    redo = ("restore the file from a copy, or score the input again (--overwrite, or a new directory); "
+            "reading on would silently lose or repeat rows")
+    run = manifest.meta.get("run")
+    for shard in manifest.shards:
+        path = Path(directory) / shard["file"]
+        rows = f"input rows {shard['rows'][0]}-{shard['rows'][1] - 1}"
+        if not path.is_file():
+            raise StoreError(f"{path} is missing: the manifest records it ({rows}); {redo}")
+        size = path.stat().st_size
+        if "bytes" in shard and size != shard["bytes"]:
+            raise StoreError(f"{path} has changed since the run wrote it ({size:,} bytes, recorded {shard['bytes']:,}; "
+                             f"{rows}); {redo}")
+        try:
+            footer = pq.read_metadata(path)
+        except (OSError, pa.ArrowException) as error:
+            raise StoreError(f"{path} is not a readable Parquet file ({error}; {rows}); {redo}") from None
+        written = footer.metadata or {}
+        index = int(written.get(SHARD_KEY, b"-1"))
+        written_run = json.loads(written.get(METADATA_KEY, b"{}")).get("run")
+        if footer.num_rows != shard["n_rows"] or (SHARD_KEY in written and index != int(shard["file"][5:10])) \
+                or (run is not None and written_run != run):
+            what = f"shard {index} of run {written_run}" if SHARD_KEY in written else f"{footer.num_rows} rows"
+            raise StoreError(f"{path} is not the shard this run recorded there (it holds {what}; the manifest records "
+                             f"{shard['n_rows']} rows, {rows}, run {run}): the file was replaced; {redo}")
+        if full and file_sha256(path) != shard["sha256"]:
+            raise StoreError(f"{path}: its sha256 differs from the one recorded when it was written ({rows}); {redo}")
 
 
 # ---------------------------------------------------------------- reading
 
 
-def open_scored(directory: Path, require_complete: bool = True) -> tuple[Manifest, list[Path]]:
-    """The manifest and shard paths of a scored directory; refuses an unfinished one."""
+def open_scored(directory: Path, require_complete: bool = True, full_check: bool = False) -> tuple[Manifest, list[Path]]:
+    """The manifest and shard paths of a scored directory, every shard checked (`verify_shards`;
+    `full_check`: by sha256 too); refuses an unfinished run."""
     manifest = read_manifest(directory)
     if require_complete and not manifest.complete:
         command = "generate" if manifest.meta.get("kind") == "generated" else "score"
         raise StoreError(f"{directory}: the run is not finished (manifest not complete); "
                          f"finish it with `curate {command} ... --resume`")
+    verify_shards(directory, manifest, full=full_check or os.environ.get("CURATE_VERIFY_SHARDS") == "1")
     return manifest, [Path(directory) / shard["file"] for shard in manifest.shards]
 
 

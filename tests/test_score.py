@@ -44,7 +44,7 @@ def test_rows_in_equal_rows_out_plus_rejects(tmp_path, sample_path, hf_engine, c
     assert sorted(scored["row"].to_list() + [r["row"] for r in rejects]) == list(range(len(lines)))
     assert {r["row"]: r["reason"] for r in rejects} == {
         4: "no assistant turn to score",
-        5: "line 6 is not valid JSON: Expecting property name enclosed in double quotes",
+        5: "line 6 is not valid JSON: Expecting property name enclosed in double quotes (column 2)",
         10: "empty assistant response",
         11: "line 12 is a JSON str, not an object",
     }
