@@ -1,10 +1,9 @@
 """Check a generated answer against the reference, where a checker exists.
 
 Each checker returns a `Verdict`: verified True/False, or None when nothing can be
-checked, with the reason. `math` and `exact` are pure functions; `code` runs the reference's
-unit tests after the answer's code in a bubblewrap sandbox (`curate.sandbox`), and counts as
-passed only when the tests ran to their end: an answer that exits early (`sys.exit(0)`,
-`os._exit(0)`) fails.
+checked, with the reason. `math` and `exact` are pure functions; `code` runs the answer's code
+and the reference's unit tests in a bubblewrap sandbox (`curate.sandbox`), in two processes
+(`curate.code_check`), and counts as passed only when the tests' process says so.
 """
 
 from __future__ import annotations
@@ -12,12 +11,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
+from pathlib import Path
 
 from curate.sandbox import Limits, run_python
 
@@ -28,6 +27,7 @@ CHECKERS = ("auto", "none", "math", "exact", "code", "choice")
 class Verdict:
     verified: bool | None
     reason: str
+    one_process: bool = False  # a code check whose tests ran in the answer's process: forgeable (see check_code)
 
 
 def verify(checker: str, answer: str, reference: str | None, extra: dict | None = None,
@@ -234,43 +234,33 @@ def setup_code(extra: dict | None) -> str:
 
 def check_code(answer: str, reference: str, extra: dict | None = None, *, unsafe: bool = False,
                timeout_s: float = CODE_TIMEOUT_S) -> Verdict:
-    """Run the reference's tests after the answer's code in a sandbox (see `curate.sandbox`). Passed
-    means exit status 0 AND an end-of-tests marker (a fresh random token, printed after the last
-    test) as the last line of stdout: an answer that exits before the tests ran does not pass."""
+    """Run the reference's tests against the answer's code in a sandbox (see `curate.sandbox`), the
+    answer in one process and the tests in another (see `curate.code_check`). Passed means the
+    tests' process wrote "passed" to its verdict fd, which the answer's process never holds:
+    nothing the answer prints, and no way it exits, makes a verdict."""
     tests = code_tests(reference, extra)
     if tests is None:
         why = "no entry_point for its check(candidate)" if _HUMANEVAL_CHECK.search(reference) else "no unit tests"
         return Verdict(None, f"reference has {why} (assert lines, a JSON list of asserts, or HumanEval's "
                              "def check(candidate) with an entry_point)")
-    token = secrets.token_hex(16)
-    program = _test_program(test_imports(extra), extract_code(answer), setup_code(extra), tests, token)
-    result = run_python(program, timeout_s, unsafe=unsafe, limits=CODE_LIMITS)
+    payload = {"imports": test_imports(extra), "answer": extract_code(answer), "setup": setup_code(extra), "tests": tests}
+    result = run_python(f"{_CHECK_PROGRAM}\nrun_check({payload!r})\n", timeout_s, unsafe=unsafe, limits=CODE_LIMITS)
     if result.timed_out:
         return Verdict(False, f"timed out after {timeout_s:g} s")
-    if result.returncode == 0 and result.stdout_tail.splitlines()[-1:] == [token]:
-        return Verdict(True, "all tests passed")
+    try:
+        verdict = json.loads(result.result)
+    except ValueError:
+        verdict = None
+    if isinstance(verdict, dict) and verdict.get("passed") is True:
+        return Verdict(True, str(verdict["reason"]), one_process=bool(verdict["one_process"]))
     if result.output_capped:
         return Verdict(False, f"output over the {CODE_LIMITS.output_bytes} byte limit")
-    if result.returncode == 0:
-        return Verdict(False, "exited with status 0 before its tests finished")
+    if result.memory_capped:
+        return Verdict(False, f"memory over the {CODE_LIMITS.memory_bytes} byte limit of the check")
+    if isinstance(verdict, dict):
+        return Verdict(False, str(verdict["reason"]), one_process=bool(verdict["one_process"]))
     last_line = result.stderr_tail.strip().splitlines()[-1:] or [f"exit code {result.returncode}"]
-    return Verdict(False, f"tests failed: {last_line[0][:200]}")
+    return Verdict(False, f"no verdict: {last_line[0][:200]}")
 
 
-def _test_program(imports: str, code: str, setup: str, tests: str, token: str) -> str:
-    """Imports, answer, setup and tests, each compiled on its own (so an answer's syntax error or
-    unclosed string cannot swallow the tests), in one __main__ namespace, then the token. exec,
-    compile and the writers are bound before the answer runs, so that rebinding them cannot skip
-    the tests."""
-    parts = [("<test_imports>", imports), ("<answer>", code), ("<test_setup_code>", setup), ("<tests>", tests)]
-    return (
-        "import os, sys\n"
-        "def _curate_run(parts, token, exec=exec, compile=compile, namespace=globals(),\n"
-        "                flush=sys.stdout.flush, write=os.write):\n"
-        "    for filename, source in parts:\n"
-        "        exec(compile(source, filename, 'exec'), namespace)\n"
-        "    flush()\n"
-        "    write(1, ('\\n' + token + '\\n').encode())\n"
-        "del os, sys\n"
-        f"_curate_run({parts!r}, {token!r})\n"
-    )
+_CHECK_PROGRAM = (Path(__file__).parent / "code_check.py").read_text()
