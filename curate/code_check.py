@@ -43,6 +43,7 @@ import types
 
 VERDICT_FD = 3  # curate.sandbox's result fd
 ANSWER_MODULE = "__answer__"
+MESSAGE_BYTES = 1 << 28  # the largest call or reply on the pipe
 _SCALARS = (type(None), bool, int, float, complex, str, bytes)
 _needs_one_process = []  # what, in the tests' process, needed the answer's own objects
 _phase = ["setup"]  # what the tests' process runs now: "setup" (the row's setup code) or "tests"
@@ -225,6 +226,8 @@ def _read_exactly(fd: int, size: int) -> bytes:
 
 def _receive(fd: int):
     (size,) = struct.unpack("<Q", _read_exactly(fd, 8))
+    if size > MESSAGE_BYTES:
+        raise ValueError(f"a message of {size} bytes on the pipe: not one of ours")
     return marshal.loads(_read_exactly(fd, size))
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import math
 import os
@@ -372,6 +373,7 @@ def _unavailable_reason(bwrap: str) -> str | None:
 
 _uids_in_use: set[int] = set()
 _uids_lock = threading.Lock()
+_uid_turns = itertools.count()
 
 
 def sandbox_uids() -> range:
@@ -383,11 +385,17 @@ def sandbox_uids() -> range:
 
 @contextlib.contextmanager
 def _sandbox_uid() -> Iterator[int]:
-    """The lowest uid of `sandbox_uids()` that no running sandbox of this process holds."""
+    """The next uid of `sandbox_uids()`, in turn, that no running sandbox of this process holds: in
+    turn, because an unsandboxed check's killed processes may linger as zombies for a while (until
+    init reaps them), and RLIMIT_NPROC counts them against their uid."""
+    uids = sandbox_uids()
     with _uids_lock:
-        uid = next((u for u in sandbox_uids() if u not in _uids_in_use), None)
-        if uid is None:
-            raise RuntimeError(f"over {len(sandbox_uids())} sandboxes at once")
+        for _ in uids:
+            uid = uids[next(_uid_turns) % len(uids)]
+            if uid not in _uids_in_use:
+                break
+        else:
+            raise RuntimeError(f"over {len(uids)} sandboxes at once")
         _uids_in_use.add(uid)
     try:
         yield uid
@@ -470,12 +478,14 @@ def _kill(process: subprocess.Popen, sandbox_info: int | None, uid: int) -> None
 
 
 def _kill_uid(uid: int) -> None:
-    """SIGKILL every process whose real uid is `uid`, until none is left (a fork may race a pass)."""
+    """SIGKILL every live process whose real uid is `uid`, until none is left (a fork may race a
+    pass). Zombies are dead already: whoever inherited them reaps them."""
     for _ in range(100):
         found = False
         for proc in Path("/proc").iterdir():
             with contextlib.suppress(OSError, ValueError, IndexError):
-                if proc.name.isdigit() and int((proc / "status").read_text().split("\nUid:")[1].split()[0]) == uid:
+                status = (proc / "status").read_text()
+                if int(status.split("\nUid:")[1].split()[0]) == uid and "\nState:\tZ" not in status:
                     found = True
                     os.kill(int(proc.name), signal.SIGKILL)
         if not found:
