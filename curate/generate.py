@@ -24,7 +24,7 @@ from curate.models import tokenizer_fingerprint
 from curate.pipeline import Shard, plan, run_shards
 from curate.store import MESSAGE, ShardWriter, input_fingerprint
 from curate.tokenize import ChatTokenizer
-from curate.verify import verify_all
+from curate.verify import ONE_PROCESS, verify_all
 
 GENERATED_SCHEMA = pa.schema(
     [
@@ -58,6 +58,7 @@ class GenerateSummary:
     verified: int
     wrong: int
     unchecked: int
+    one_process: int  # code checks whose tests ran in the answer's own process: a verdict it could forge
     unfinished: int
     seconds: float
     backend: str
@@ -167,11 +168,12 @@ def _summarise(output_dir: Path, writer: ShardWriter, seconds: float, backend: s
 
     shards = writer.manifest.shards
     files = [str(Path(output_dir) / s["file"]) for s in shards]
-    frame = pl.read_parquet(files, columns=["row", "verified", "finished"]) if files else pl.DataFrame(
-        schema={"row": pl.Int64, "verified": pl.Boolean, "finished": pl.Boolean})
+    frame = pl.read_parquet(files, columns=["row", "verified", "verify_reason", "finished"]) if files else pl.DataFrame(
+        schema={"row": pl.Int64, "verified": pl.Boolean, "verify_reason": pl.String, "finished": pl.Boolean})
     return GenerateSummary(
         rows_in=writer.manifest.rows_read, prompts=frame["row"].n_unique(), answers=frame.height,
         rows_rejected=sum(s["n_rejects"] for s in shards),
         verified=int((frame["verified"] == True).sum()), wrong=int((frame["verified"] == False).sum()),  # noqa: E712
         unchecked=int(frame["verified"].is_null().sum()), unfinished=int((~frame["finished"]).sum()),
+        one_process=int(frame["verify_reason"].str.contains(ONE_PROCESS, literal=True).sum()),
         seconds=round(seconds, 2), backend=backend, output=str(output_dir))

@@ -175,6 +175,7 @@ def check_choice(answer: str, extra: dict | None) -> Verdict:
 # ---------------------------------------------------------------- code
 
 CODE_TIMEOUT_S = 10.0  # the paper's limit for running the tests
+ONE_PROCESS = "(in one process"  # how the reason of a one-process code check reads (curate.code_check writes it)
 CODE_LIMITS = Limits()  # 1 GiB of memory, 32 processes, 1 MiB of output
 
 _ASSERT_LINE = re.compile(r"^\s*assert\b", flags=re.MULTILINE)

@@ -8,7 +8,7 @@ import pytest
 
 from curate.benchmarks import benchmarks_dir
 from curate.sandbox import sandbox_available
-from curate.verify import check_code, verify, verify_all
+from curate.verify import ONE_PROCESS, check_code, verify, verify_all
 
 pytestmark = pytest.mark.skipif(not sandbox_available(), reason="bubblewrap cannot start here: run `make sandbox`")
 
@@ -200,7 +200,7 @@ MBPP_367_RIGHT = MBPP_367_SETUP + ("def height(node):\n    return 0 if node is N
                          ids=["right", "wrong"])
 def test_setup_code_that_needs_the_answers_class_runs_in_one_process_and_says_so(answer, verified):
     verdict = verify("code", f"```python\n{answer}```", MBPP_367_TESTS, MBPP_367_EXTRA)
-    assert verdict.verified is verified and verdict.one_process and "one process" in verdict.reason, verdict
+    assert verdict.verified is verified and verdict.one_process and ONE_PROCESS in verdict.reason, verdict
 
 
 @pytest.mark.slow
