@@ -5,7 +5,7 @@ another that never runs any of it. Standard library only; `curate.verify` append
 Why two processes: whatever a harness does in the answer's own process, the answer can pre-empt
 (read a token off the stack or out of co_consts, print it from an excepthook or a thread, jump past
 the tests with a trace function). Here the tests' process forks the answer's before anything else
-and writes the verdict, as JSON, to fd 3, which the answer's process closes before it runs a line
+and writes the verdict to fd 3 (one line: passed 0/1, one process 0/1, the reason), which the answer's process closes before it runs a line
 of the answer. The tests' process is non-dumpable, so the answer's (same uid, no capabilities) can
 neither ptrace it nor open its /proc/<pid>/fd or mem.
 
@@ -29,21 +29,16 @@ print, a late thread) counts.
 """
 
 import builtins
-import contextlib
 import ctypes
-import importlib
-import json
 import marshal
 import os
-import signal
 import struct
 import sys
-import traceback
-import types
 
 VERDICT_FD = 3  # curate.sandbox's result fd
 ANSWER_MODULE = "__answer__"
 MESSAGE_BYTES = 1 << 28  # the largest call or reply on the pipe
+SIGKILL = 9  # signal.SIGKILL, without importing signal (and enum)
 _SCALARS = (type(None), bool, int, float, complex, str, bytes)
 _needs_one_process = []  # what, in the tests' process, needed the answer's own objects
 _phase = ["setup"]  # what the tests' process runs now: "setup" (the row's setup code) or "tests"
@@ -72,10 +67,13 @@ def run_check(payload: dict) -> None:
     verdict = _in_two_processes(payload)
     if verdict is None:
         verdict = _in_one_process(payload)
-    with contextlib.suppress(Exception):
-        sys.stdout.flush()
-        sys.stderr.flush()
-    os.write(VERDICT_FD, json.dumps(verdict).encode())
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    passed, one_process, reason = verdict
+    os.write(VERDICT_FD, f"{passed:d} {one_process:d} {reason}".encode())
     os._exit(0)
 
 
@@ -86,12 +84,14 @@ def _make_undumpable() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0)")
 
 
-def _verdict(passed: bool, reason: str, one_process: bool = False) -> dict:
-    return {"passed": passed, "reason": reason, "one_process": one_process}
+def _verdict(passed: bool, reason: str, one_process: bool = False) -> tuple:
+    return passed, one_process, reason.replace("\n", " ")
 
 
 def _last_line(error: BaseException) -> str:
-    return traceback.format_exception_only(type(error), error)[-1].strip()[:300]
+    """What a traceback's last line says (without importing traceback: each import is paid per check)."""
+    message = str(error)
+    return (f"{type(error).__name__}: {message}" if message else type(error).__name__)[:300]
 
 
 # ---------------------------------------------------------------- the answer's process
@@ -108,16 +108,20 @@ def _fork_answer(run) -> int:
             run()
         finally:
             os._exit(0)
-    with contextlib.suppress(OSError):  # the child does it too: whichever runs first
+    try:  # the child does it too: whichever runs first
         os.setpgid(pid, pid)
+    except OSError:
+        pass
     return pid
 
 
 def _stop(pid: int) -> int:
     """SIGKILL the answer's process group; its exit status."""
     for kill in (os.killpg, os.kill):
-        with contextlib.suppress(OSError):
-            kill(pid, signal.SIGKILL)
+        try:
+            kill(pid, SIGKILL)
+        except OSError:
+            pass
     _, status = os.waitpid(pid, 0)
     return status
 
@@ -125,7 +129,7 @@ def _stop(pid: int) -> int:
 def _answer_namespace() -> dict:
     """A fresh module named __answer__ (not __main__: a __main__ block does not run), under both
     names in sys.modules so that pickle (multiprocessing.Pool) finds the answer's functions."""
-    module = types.ModuleType(ANSWER_MODULE)
+    module = type(sys)(ANSWER_MODULE)
     sys.modules[ANSWER_MODULE] = sys.modules["__main__"] = module
     return module.__dict__
 
@@ -161,7 +165,7 @@ def _describe(namespace: dict) -> list:
         if name.startswith("__") and name.endswith("__"):
             continue
         module, qualname = getattr(value, "__module__", None), getattr(value, "__qualname__", None)
-        if isinstance(value, types.ModuleType):
+        if isinstance(value, type(sys)):
             names.append((name, "module", value.__name__))
         elif callable(value) and isinstance(module, str) and module != ANSWER_MODULE and isinstance(qualname, str):
             names.append((name, "import", (module, qualname)))
@@ -359,7 +363,8 @@ def _stdlib(name: str):
     """Import a standard-library module afresh (never one from the answer's scratch directory)."""
     if name.partition(".")[0] not in sys.stdlib_module_names:
         raise ImportError(name)
-    return importlib.import_module(name)
+    __import__(name)
+    return sys.modules[name]
 
 
 def _stand_in(answer: _Answer, name: str, kind: str, detail):
@@ -380,7 +385,7 @@ def _stand_in(answer: _Answer, name: str, kind: str, detail):
     return _AnswerOnly(name, (), {})
 
 
-def _in_two_processes(payload: dict):
+def _in_two_processes(payload: dict) -> tuple | None:
     """The verdict, or None where the tests need the answer's own objects."""
     answer = _Answer(payload)
     try:
@@ -411,13 +416,13 @@ def _in_two_processes(payload: dict):
     return _verdict(True, "all tests passed")
 
 
-def _ended(status: int) -> dict:
+def _ended(status: int, one_process: bool = False) -> tuple:
     how = f"was killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else \
         f"exited with status {os.waitstatus_to_exitcode(status)}"
-    return _verdict(False, f"the answer's process {how} before its tests finished")
+    return _verdict(False, f"the answer's process {how} before its tests finished", one_process)
 
 
-def _in_one_process(payload: dict) -> dict:
+def _in_one_process(payload: dict) -> tuple:
     """Answer, setup and tests in one forked process, which reports how they ended on a pipe."""
     done_read, done_write = os.pipe()
 
@@ -440,4 +445,4 @@ def _in_one_process(payload: dict) -> dict:
         return _verdict(True, "all tests passed" + why, one_process=True)
     if message.startswith("failed "):
         return _verdict(False, f"tests failed: {message[len('failed '):]}" + why, one_process=True)
-    return {**_ended(status), "one_process": True}
+    return _ended(status, one_process=True)

@@ -248,20 +248,26 @@ def check_code(answer: str, reference: str, extra: dict | None = None, *, unsafe
     result = run_python(f"{_CHECK_PROGRAM}\nrun_check({payload!r})\n", timeout_s, unsafe=unsafe, limits=CODE_LIMITS)
     if result.timed_out:
         return Verdict(False, f"timed out after {timeout_s:g} s")
-    try:
-        verdict = json.loads(result.result)
-    except ValueError:
-        verdict = None
-    if isinstance(verdict, dict) and verdict.get("passed") is True:
-        return Verdict(True, str(verdict["reason"]), one_process=bool(verdict["one_process"]))
+    passed, one_process, reason = _verdict_line(result.result)
+    if passed:
+        return Verdict(True, reason, one_process=one_process)
     if result.output_capped:
         return Verdict(False, f"output over the {CODE_LIMITS.output_bytes} byte limit")
     if result.memory_capped:
         return Verdict(False, f"memory over the {CODE_LIMITS.memory_bytes} byte limit of the check")
-    if isinstance(verdict, dict):
-        return Verdict(False, str(verdict["reason"]), one_process=bool(verdict["one_process"]))
+    if passed is False:
+        return Verdict(False, reason, one_process=one_process)
     last_line = result.stderr_tail.strip().splitlines()[-1:] or [f"exit code {result.returncode}"]
     return Verdict(False, f"no verdict: {last_line[0][:200]}")
+
+
+def _verdict_line(line: bytes) -> tuple[bool | None, bool, str]:
+    """(passed, one process, reason) from the check program's "0|1 0|1 reason"; passed is None when
+    the program wrote no verdict."""
+    fields = line.decode(errors="replace").split(" ", 2)
+    if len(fields) != 3 or fields[0] not in ("0", "1") or fields[1] not in ("0", "1"):
+        return None, False, ""
+    return fields[0] == "1", fields[1] == "1", fields[2]
 
 
 _CHECK_PROGRAM = (Path(__file__).parent / "code_check.py").read_text()

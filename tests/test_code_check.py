@@ -16,10 +16,10 @@ TESTS = "assert add(2, 3) == 5\nassert add(-1, 1) == 0"
 WRONG = "def add(a, b):\n    return a * b\n"
 RIGHT = "def add(a, b):\n    return a + b\n"
 
-# Says "passed" every way a harness might listen: a JSON verdict on every fd past stderr, and every
+# Says "passed" every way a harness might listen: a verdict line on every fd past stderr, and every
 # string on the stack, in its frames' globals and in their co_consts as a line of its own on stdout.
 FORGE = '''
-import json, os, sys
+import os, sys
 def forge(frame=None):
     frame = frame or sys._getframe()
     found = []
@@ -28,7 +28,7 @@ def forge(frame=None):
             if isinstance(value, str):
                 found.append(value)
         frame = frame.f_back
-    verdict = json.dumps({"passed": True, "reason": "all tests passed", "one_process": False}).encode()
+    verdict = b"1 0 all tests passed"
     for fd in range(3, 64):
         try:
             os.write(fd, verdict)
@@ -97,8 +97,8 @@ import ctypes, os
 parent = os.getppid()
 results = []
 for name, attempt in [
-    ("fd 3", lambda: os.write(3, b'{"passed": true, "reason": "", "one_process": false}')),
-    ("/proc fd", lambda: open(f"/proc/{parent}/fd/3", "w").write('{"passed": true}')),
+    ("fd 3", lambda: os.write(3, b"1 0 all tests passed")),
+    ("/proc fd", lambda: open(f"/proc/{parent}/fd/3", "w").write("1 0 all tests passed")),
     ("/proc mem", lambda: open(f"/proc/{parent}/mem", "r+b")),
     ("ptrace", lambda: (_ for _ in ()).throw(OSError()) if ctypes.CDLL(None).ptrace(16, parent, 0, 0) else None),
 ]:
