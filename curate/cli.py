@@ -479,8 +479,11 @@ def preview(input_path, model, limit, system_prompt, train_turns, max_length, pr
 @click.option("--max-length", type=click.IntRange(min=2), default=4096, show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True, help="Generation tasks: answer length cap.")
 @click.option("--unsafe-verify", is_flag=True, help="Where bubblewrap cannot start, run code checks without the sandbox.")
+@click.option("--gold-nll-only", is_flag=True,
+              help="Only the gold answers' NLL per token (no generation, no options): cheap, e.g. to pick an epoch.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def eval_command(model, tasks, output, split, limit, engine_choice, max_length, max_new_tokens, unsafe_verify, as_json):
+def eval_command(model, tasks, output, split, limit, engine_choice, max_length, max_new_tokens, unsafe_verify,
+                 gold_nll_only, as_json):
     """Score MODEL (a model directory, or `default`) on benchmark tasks: generation tasks greedy and
     checked, multiple-choice tasks by log-likelihood, every score with a 95% bootstrap interval.
     A LoRA adapter: merge it first (`axolotl merge-lora CONFIG`) and give the merged directory."""
@@ -497,7 +500,7 @@ def eval_command(model, tasks, output, split, limit, engine_choice, max_length, 
             chat_tokenizer = ChatTokenizer(load_tokenizer(model_dir), max_length=max_length)
             with _engine(engine_choice, model_dir) as engine:
                 summary = evaluate(model_dir, files, output, engine, chat_tokenizer, limit=limit,
-                                   max_new_tokens=max_new_tokens, unsafe_verify=unsafe_verify)
+                                   max_new_tokens=max_new_tokens, unsafe_verify=unsafe_verify, gold_nll_only=gold_nll_only)
     except (StoreError, SandboxUnavailable) as error:
         raise click.ClickException(str(error)) from None
     if as_json:

@@ -74,9 +74,11 @@ def task_file(name: str, split: str = "test") -> Path:
 
 
 def evaluate(model_dir: Path, tasks: dict[str, Path], output_dir: Path, engine, chat_tokenizer: ChatTokenizer,
-             limit: int | None = None, max_new_tokens: int = 512, unsafe_verify: bool = False) -> EvalSummary:
+             limit: int | None = None, max_new_tokens: int = 512, unsafe_verify: bool = False,
+             gold_nll_only: bool = False) -> EvalSummary:
     """Evaluate `engine` (of the model in `model_dir`) on each task file (`curate benchmarks pull`
-    output); per-example results go to `output_dir/<task>.parquet`, the summary to `results.json`."""
+    output); per-example results go to `output_dir/<task>.parquet`, the summary to `results.json`.
+    `gold_nll_only`: only the gold answers' NLL (no generation, no options; the score is the NLL)."""
     from curate.benchmarks import TASKS
 
     output_dir = Path(output_dir)
@@ -84,10 +86,19 @@ def evaluate(model_dir: Path, tasks: dict[str, Path], output_dir: Path, engine, 
     summary = EvalSummary(model=str(model_dir), output=str(output_dir))
     for name, path in tasks.items():
         source = _limited(path, output_dir / f"{name}.input.jsonl", limit)
-        gold_nll = _gold_nll(source, engine, chat_tokenizer)
-        if TASKS[name].kind == "multiple_choice":
-            table, score = _multiple_choice(source, engine, chat_tokenizer, name)
+        if gold_nll_only:
+            gold_nll = _gold_nll(source, engine, chat_tokenizer)
+            values = np.array([v for v in gold_nll.values() if math.isfinite(v)])
+            pq.write_table(pa.table({"id": list(gold_nll), "gold_nll": list(gold_nll.values())}), output_dir / f"{name}.parquet")
+            summary.tasks[name] = TaskScore(task=name, kind=TASKS[name].kind, metric="gold NLL", examples=int(values.size),
+                                            score=float(values.mean()) if values.size else math.nan,
+                                            interval=bootstrap_interval(values),
+                                            gold_nll=float(values.mean()) if values.size else None)
+            continue
+        if TASKS[name].kind == "multiple_choice":  # the gold answer's NLL comes out of the same pass
+            table, score, gold_nll = _multiple_choice(source, engine, chat_tokenizer, name)
         else:
+            gold_nll = _gold_nll(source, engine, chat_tokenizer)
             table, score = _generation(source, output_dir / f"{name}.generated", engine, chat_tokenizer, name,
                                        TASKS[name].checker, max_new_tokens, unsafe_verify)
         ids = table.column("id").to_pylist()
@@ -135,23 +146,27 @@ def _generation(source: Path, generated: Path, engine, chat_tokenizer: ChatToken
                             interval=bootstrap_interval(correct), unchecked=answers.height - decided.height)
 
 
-def _multiple_choice(source: Path, engine, chat_tokenizer: ChatTokenizer, name: str) -> tuple[pa.Table, TaskScore]:
+def _multiple_choice(source: Path, engine, chat_tokenizer: ChatTokenizer,
+                     name: str) -> tuple[pa.Table, TaskScore, dict[str, float]]:
     """Each option as the assistant's answer to the prompt; its log-likelihood is the sum over
-    its content tokens (the end-of-turn token left out, so options compare as texts)."""
-    rows, logliks = [], []
+    its content tokens (the end-of-turn token left out, so options compare as texts). The row's
+    options and its gold answer (`messages`, as `_gold_nll` reads it) are scored as one group, so
+    an engine with `score_groups` runs the shared prompt once; returns the gold NLL per row too."""
+    rows, logliks, gold_nll = [], [], {}
     for _, prepared, _ in read_in_chunks(source, lambda example: example, size=64):
-        chunk = [example.extra | {"id": example.id, "row": example.row} for example, _ in prepared]
+        chunk = [(example, example.extra | {"id": example.id, "row": example.row}) for example, _ in prepared]
         # The options as answers (OLMES's leading space belongs to a raw-text continuation, not a turn).
-        encoded = [chat_tokenizer.encode(row["row"], [{"role": "user", "content": row["prompt"]},
+        groups = [[chat_tokenizer.encode(row["row"], [{"role": "user", "content": row["prompt"]},
                                                       {"role": "assistant", "content": choice.strip()}])
-                   for row in chunk for choice in row["choices"]]
-        scored = iter(zip(engine.score([e.input_ids for e in encoded]), encoded))
-        for row in chunk:
+                   for choice in row["choices"]] + [chat_tokenizer.encode(example.row, example.messages)]
+                  for example, row in chunk]
+        scored = score_groups(engine, [[e.input_ids for e in group] for group in groups])
+        for (example, row), group, group_logprobs in zip(chunk, groups, scored):
             option_loglik = []
-            for _ in row["choices"]:
-                logprobs, example = next(scored)
-                content = np.asarray(example.target) & ~np.asarray(example.end_of_turn)
+            for logprobs, encoded in zip(group_logprobs[:-1], group[:-1]):
+                content = np.asarray(encoded.target) & ~np.asarray(encoded.end_of_turn)
                 option_loglik.append(float(np.nansum(np.where(content, logprobs, 0.0))))
+            gold_nll[example.id] = _answer_nll(group_logprobs[-1], group[-1].target)
             rows.append(row)
             logliks.append(option_loglik)
     ids, gold = [row["id"] for row in rows], [int(row["gold"]) for row in rows]
@@ -165,7 +180,23 @@ def _multiple_choice(source: Path, engine, chat_tokenizer: ChatTokenizer, name: 
     return table, TaskScore(task=name, kind="multiple_choice", metric="acc", examples=len(ids),
                             score=float(correct.mean()) if ids else math.nan,
                             interval=bootstrap_interval(correct.astype(float)),
-                            acc_norm=float(correct_norm.mean()) if ids else None)
+                            acc_norm=float(correct_norm.mean()) if ids else None), gold_nll
+
+
+def score_groups(engine, groups: list[list[list[int]]]) -> list[list[np.ndarray]]:
+    """What `engine.score` gives each sequence of each group. An engine with `score_groups` (the
+    HF engine) runs each group's common prefix (a multiple-choice prompt) once; the others score
+    every sequence whole (vLLM skips its prefix cache for prompt log-probabilities)."""
+    if hasattr(engine, "score_groups"):
+        return engine.score_groups(groups)
+    flat = iter(engine.score([sequence for group in groups for sequence in group]))
+    return [[next(flat) for _ in group] for group in groups]
+
+
+def _answer_nll(logprobs: np.ndarray, target) -> float:
+    """Mean NLL per token over an answer's target tokens (its content and end-of-turn)."""
+    scored = np.asarray(target) & np.isfinite(logprobs)
+    return float(-logprobs[scored].mean()) if scored.any() else math.nan
 
 
 def _gold_nll(source: Path, engine, chat_tokenizer: ChatTokenizer) -> dict[str, float]:
@@ -175,8 +206,7 @@ def _gold_nll(source: Path, engine, chat_tokenizer: ChatTokenizer) -> dict[str, 
         examples = [e for e, _ in prepared]
         encoded = [t for _, t in prepared]
         for example, logprobs, tokens in zip(examples, engine.score([t.input_ids for t in encoded]), encoded):
-            target = np.asarray(tokens.target) & np.isfinite(logprobs)
-            out[example.id] = float(-logprobs[target].mean()) if target.any() else math.nan
+            out[example.id] = _answer_nll(logprobs, tokens.target)
     return out
 
 
@@ -193,14 +223,26 @@ class Forgetting:
     absolute: dict[str, tuple[float, tuple[float, float]]]  # task -> (tuned - base, 95% interval)
 
 
-def forgetting(base_dir: Path, tuned_dir: Path, target: str, samples: int = BOOTSTRAP_SAMPLES,
-               seed: int = 0) -> Forgetting:
+def forgetting(base_dir: Path, tuned_dir: Path | list[Path], target: str, samples: int = BOOTSTRAP_SAMPLES,
+               seed: int = 0, metric: str = "correct") -> Forgetting:
     """TI and BWT as the study computes them, from two `curate eval` result directories that
     evaluated the same examples. Intervals: a paired bootstrap over each task's examples
-    (the same resampled examples for base and fine-tuned)."""
-    base, tuned = _per_example(base_dir), _per_example(tuned_dir)
-    if target not in base or set(base) != set(tuned):
-        raise ValueError(f"{base_dir} and {tuned_dir} must hold the same tasks, the target {target!r} among them")
+    (the same resampled examples for base and fine-tuned).
+
+    Several `tuned_dir`s (one fine-tuning per seed): each example's value is its mean over them,
+    so TI, BWT and the changes are the means over seeds (they are linear in the tuned scores) and
+    the interval is the bootstrap interval of that mean over examples.
+    `metric`: "correct" (the task's score) or "gold_nll" (gold-answer NLL per token; a negative
+    change is the model finding the gold answers likelier)."""
+    tuned_dirs = list(tuned_dir) if isinstance(tuned_dir, (list, tuple)) else [tuned_dir]
+    base, runs = _per_example(base_dir, metric), [_per_example(d, metric) for d in tuned_dirs]
+    if target not in base or any(set(base) != set(run) for run in runs):
+        raise ValueError(f"{base_dir} and {', '.join(map(str, tuned_dirs))} must hold the same tasks, "
+                         f"the target {target!r} among them")
+    for task in base:
+        if any(run[task].keys() != runs[0][task].keys() for run in runs):
+            raise ValueError(f"{task}: the fine-tuned evaluations scored different examples; evaluate with the same rows")
+    tuned = {task: {key: float(np.mean([run[task][key] for run in runs])) for key in runs[0][task]} for task in base}
     rng = np.random.default_rng(seed)
     draws, absolute = {}, {}
     for task in base:
@@ -233,11 +275,12 @@ def _percentiles(values: np.ndarray) -> tuple[float, float]:
     return (float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))) if values.size else (math.nan, math.nan)
 
 
-def _per_example(results_dir: Path) -> dict[str, dict[str, float]]:
-    """task -> {example id: 1.0 correct / 0.0 wrong}, decided examples only."""
+def _per_example(results_dir: Path, metric: str = "correct") -> dict[str, dict[str, float]]:
+    """task -> {example id: value}: 1.0 correct / 0.0 wrong (decided examples only), or the gold NLL."""
     summary = json.loads((Path(results_dir) / RESULTS).read_text())
     out = {}
     for task in summary["tasks"]:
-        table = pq.read_table(Path(results_dir) / f"{task}.parquet", columns=["id", "correct"]).to_pylist()
-        out[task] = {row["id"]: float(row["correct"]) for row in table if row["correct"] is not None}
+        table = pq.read_table(Path(results_dir) / f"{task}.parquet", columns=["id", metric]).to_pylist()
+        out[task] = {row["id"]: float(row[metric]) for row in table
+                     if row[metric] is not None and math.isfinite(float(row[metric]))}
     return out

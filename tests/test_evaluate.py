@@ -96,3 +96,45 @@ def test_forgetting_refuses_evaluations_of_different_examples(tmp_path):
     tuned = _results(tmp_path / "tuned", {"mbpp": [1, 0, 1], "arc": [1, 0]})
     with pytest.raises(ValueError, match="different examples"):
         forgetting(base, tuned, "mbpp")
+
+
+# ---------------------------------------------------------------- the shared prompt of multiple-choice options
+
+
+def _option_groups(task: str, rows: int, chat_tokenizer) -> list[list[list[int]]]:
+    groups = []
+    for index, line in zip(range(rows), task_file(task).read_text().splitlines()):
+        row = json.loads(line)
+        prompt = {"role": "user", "content": row["prompt"]}
+        groups.append([chat_tokenizer.encode(index, [prompt, {"role": "assistant", "content": c.strip()}]).input_ids
+                       for c in row["choices"]] + [chat_tokenizer.encode(index, row["messages"]).input_ids])
+    return groups
+
+
+def test_options_sharing_their_prompt_score_as_each_option_alone(hf_engine, chat_tokenizer):
+    """`score_groups` runs each row's prompt once (its keys and values reused by every option);
+    the log-probabilities are those of scoring every option whole, on real rows of three tasks."""
+    groups = [group for task in ("arc_easy", "piqa", "hellaswag") for group in _option_groups(task, 3, chat_tokenizer)]
+    groups.append([[1, 2, 3]])  # a group of one, and one with nothing shared, are scored whole
+    groups.append([[5, 6, 7], [8, 9]])
+    shared = hf_engine.score_groups(groups)
+    whole = hf_engine.score([sequence for group in groups for sequence in group])
+    flat = [logprobs for group in shared for logprobs in group]
+    assert [len(a) for a in flat] == [len(s) for group in groups for s in group]
+    for a, b in zip(flat, whole):
+        assert np.isnan(a[0]) and np.isnan(b[0])
+        np.testing.assert_allclose(a[1:], b[1:], atol=1e-4, rtol=0)
+
+
+def test_multiple_choice_gold_nll_from_the_shared_pass_is_the_gold_answers_nll(tmp_path, model_dir, hf_engine,
+                                                                                chat_tokenizer):
+    from curate.evaluate import _gold_nll, _limited
+
+    out = evaluate(model_dir, {"arc_easy": task_file("arc_easy")}, tmp_path, hf_engine, chat_tokenizer, limit=5)
+    rows = pq.read_table(tmp_path / "arc_easy.parquet").to_pylist()
+    direct = _gold_nll(_limited(task_file("arc_easy"), tmp_path / "direct.jsonl", 5), hf_engine, chat_tokenizer)
+    assert [r["gold_nll"] for r in rows] == pytest.approx([direct[r["id"]] for r in rows], abs=1e-4)
+    assert out.tasks["arc_easy"].gold_nll == pytest.approx(np.mean(list(direct.values())), abs=1e-4)
+    only = evaluate(model_dir, {"arc_easy": task_file("arc_easy")}, tmp_path / "nll", hf_engine, chat_tokenizer,
+                    limit=5, gold_nll_only=True)
+    assert only.tasks["arc_easy"].gold_nll == pytest.approx(out.tasks["arc_easy"].gold_nll, abs=1e-4)

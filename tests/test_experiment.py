@@ -141,3 +141,80 @@ def test_stm_on_worked_solutions_masks_under_half_and_does_not_warn(scored_tasks
     shown = run_curate("export", scored["gsm8k"], "-o", folder / "gsm8k-stm.parquet", "--mode", "stm", "--quiet")
     stats = json.loads((folder / "gsm8k-stm.stats.json").read_text())
     assert 0.1 < stats["masked_ratio"] < 0.5 and not stats["warnings"] and "warning:" not in shown.stderr
+
+
+# ---------------------------------------------------------------- seeds, aggregated (no model needed)
+
+
+def _eval_dir(folder, outcomes: dict[str, tuple[list[int], list[float]]]):
+    """A `curate eval` result directory: per task, each example's correctness and gold NLL."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True)
+    for task, (correct, nll) in outcomes.items():
+        pq.write_table(pa.table({"id": [f"{task}-{i}" for i in range(len(correct))], "correct": [bool(c) for c in correct],
+                                 "gold_nll": nll}), folder / f"{task}.parquet")
+    summary = {task: {"score": sum(c) / len(c), "interval": [0, 1], "metric": "acc", "examples": len(c),
+                      "gold_nll": sum(n) / len(n)} for task, (c, n) in outcomes.items()}
+    (folder / "results.json").write_text(json.dumps({"model": str(folder), "tasks": summary}))
+
+
+def test_seed_aggregation_is_recomputed_from_the_per_example_files(tmp_path):
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from curate.experiment import ExperimentConfig, build_table, table_markdown
+
+    rng = np.random.default_rng(7)
+    tasks, rows, seeds = ["gsm8k", "piqa", "sciq"], 60, 3
+    out = tmp_path / "out"
+
+    def outcomes(accuracy):
+        return {t: ((rng.random(rows) < accuracy).astype(int).tolist(), (2 + rng.random(rows)).tolist()) for t in tasks}
+
+    _eval_dir(out / "evals" / "base", outcomes(0.5))
+    config = ExperimentConfig(train="gsm8k", target="gsm8k", eval_tasks=tasks, modes=["ground-truth", "stm"],
+                              seeds=list(range(1, seeds + 1)), seeded_modes=["ground-truth"])
+    runs = config.runs()
+    assert [r.label for r in runs] == [f"ground-truth-seed{s}" for s in range(1, seeds + 1)] + ["stm-tau2.5-seed1"]
+    for run in runs:
+        _eval_dir(out / "evals" / run.label, outcomes(0.4 + 0.05 * (run.seed or 0)))
+        stats = out / "exports" / f"{run.export_label}.stats.json"
+        stats.parent.mkdir(parents=True, exist_ok=True)
+        stats.write_text(json.dumps({"examples_out": 10, "examples_in": 10, "trained_tokens": 100, "masked_ratio": 0.0}))
+    table = build_table(out, "gsm8k", runs)
+    assert set(table["arms"]) == {"ground-truth", "stm-tau2.5"}
+
+    def mean(label, task, column):
+        return float(np.mean(pq.read_table(out / "evals" / label / f"{task}.parquet")[column].to_numpy().astype(float)))
+
+    labels = [f"ground-truth-seed{s}" for s in range(1, seeds + 1)]
+    arm = table["arms"]["ground-truth"]
+    for key, column in (("ti", "correct"), ("ti_nll", "gold_nll")):
+        per_seed = [(mean(label, "gsm8k", column) - mean("base", "gsm8k", column)) / mean("base", "gsm8k", column)
+                    for label in labels]
+        assert arm[key]["per_seed"] == pytest.approx(per_seed)
+        assert arm[key]["mean"] == pytest.approx(np.mean(per_seed))
+        assert arm[key]["sd"] == pytest.approx(np.std(per_seed, ddof=1))
+    for key, column in (("bwt", "correct"), ("bwt_nll", "gold_nll")):
+        per_seed = [np.mean([(mean(label, t, column) - mean("base", t, column)) / mean("base", t, column)
+                             for t in ("piqa", "sciq")]) for label in labels]
+        assert arm[key]["mean"] == pytest.approx(np.mean(per_seed))
+        assert arm[key]["sd"] == pytest.approx(np.std(per_seed, ddof=1))
+    for task in tasks:
+        changes = [mean(label, task, "correct") - mean("base", task, "correct") for label in labels]
+        cell = arm["absolute"][task]
+        assert cell["mean"] == pytest.approx(np.mean(changes)) and cell["sd"] == pytest.approx(np.std(changes, ddof=1))
+        # The interval: an independent paired bootstrap of the seed mean over examples, within resampling noise.
+        base = pq.read_table(out / "evals" / "base" / f"{task}.parquet")["correct"].to_numpy().astype(float)
+        tuned = np.mean([pq.read_table(out / "evals" / label / f"{task}.parquet")["correct"].to_numpy().astype(float)
+                         for label in labels], axis=0)
+        index = np.random.default_rng(123).integers(0, rows, size=(4000, rows))
+        low, high = np.percentile(tuned[index].mean(axis=1) - base[index].mean(axis=1), [2.5, 97.5])
+        assert cell["interval"][0] == pytest.approx(low, abs=0.03) and cell["interval"][1] == pytest.approx(high, abs=0.03)
+        assert cell["interval"][0] <= cell["mean"] <= cell["interval"][1]
+    single = table["arms"]["stm-tau2.5"]
+    assert single["ti"]["sd"] is None and single["ti"]["mean"] == pytest.approx(table["modes"]["stm-tau2.5-seed1"]["ti"])
+    shown = table_markdown(table)
+    assert f"| ground-truth | {seeds} | TI (gsm8k) |" in shown and "spread across seeds" in shown

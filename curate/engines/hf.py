@@ -76,6 +76,23 @@ class HFEngine:
                 results[index] = logprobs
         return results  # type: ignore[return-value]
 
+    def score_groups(self, groups: Sequence[Sequence[Sequence[int]]]) -> list[list[np.ndarray]]:
+        """`score` of every sequence of every group, each group's common prefix (say, a
+        multiple-choice prompt shared by its options) run through the model once: its keys and
+        values (`past_key_values`) are reused by every sequence of the group. Same numbers as
+        `score`, up to float rounding; a group of one sequence is scored whole."""
+        results: list[list[np.ndarray | None]] = [[None] * len(group) for group in groups]
+        shared = [i for i, group in enumerate(groups) if len(group) > 1 and _shared_prefix(group) >= 1]
+        whole = set(range(len(groups))) - set(shared)
+        single = [(i, j) for i in sorted(whole) for j in range(len(groups[i]))]
+        for (i, j), logprobs in zip(single, self.score([groups[i][j] for i, j in single]) if single else []):
+            results[i][j] = logprobs
+        for batch in self._group_batches([groups[i] for i in shared]):
+            members = [shared[k] for k in batch]
+            for i, group_logprobs in zip(members, self._score_group_batch([groups[i] for i in members])):
+                results[i] = group_logprobs
+        return results  # type: ignore[return-value]
+
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingOptions) -> Answers:
         torch.manual_seed(sampling.seed)
         results = []
@@ -118,6 +135,77 @@ class HFEngine:
             current.append(index)
         return batches + ([current] if current else [])
 
+    def _group_batches(self, groups: Sequence[Sequence[Sequence[int]]]) -> list[list[int]]:
+        """Groups by a budget of padded prefix tokens, longest prefix first."""
+        prefix = [_shared_prefix(group) for group in groups]
+        order = sorted(range(len(groups)), key=lambda i: -prefix[i])
+        batches, current = [], []
+        for index in order:
+            if current and prefix[current[0]] * (len(current) + 1) > self.token_budget:
+                batches.append(current)
+                current = []
+            current.append(index)
+        return batches + ([current] if current else [])
+
+    @torch.inference_mode()
+    def _score_group_batch(self, groups: list[Sequence[Sequence[int]]]) -> list[list[np.ndarray]]:
+        """One forward pass over the groups' prefixes (right-padded, cached); then the members'
+        rests, shortest to longest in passes of about `token_budget` padded tokens, each attending
+        to its group's cached prefix (the prefix padding masked out, positions continued)."""
+        from transformers import DynamicCache
+
+        prefix_lengths = [_shared_prefix(group) for group in groups]
+        width = max(prefix_lengths)
+        ids = torch.zeros((len(groups), width), dtype=torch.long)
+        mask = torch.zeros((len(groups), width), dtype=torch.long)
+        for row, (group, length) in enumerate(zip(groups, prefix_lengths)):
+            ids[row, :length] = torch.as_tensor(group[0][:length])
+            mask[row, :length] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        prefix = self.body(input_ids=ids, attention_mask=mask, use_cache=True)
+        hidden, layers = prefix.last_hidden_state, [(layer.keys, layer.values) for layer in prefix.past_key_values.layers]
+        predicts = mask[:, 1:].bool()
+        flat_prefix = self._token_logprobs(hidden[:, :-1][predicts], ids[:, 1:][predicts]).cpu().numpy()
+        prefix_at = np.concatenate([[0], np.cumsum([n - 1 for n in prefix_lengths])])
+
+        members = [(g, k) for g, group in enumerate(groups) for k in range(len(group))]
+        rest_of = {(g, k): list(groups[g][k][prefix_lengths[g]:]) for g, k in members}
+        members.sort(key=lambda member: len(rest_of[member]))
+        results: list[list[np.ndarray | None]] = [[None] * len(group) for group in groups]
+        start = 0
+        while start < len(members):  # shortest first, so each pass's widest rest sets few pads
+            stop = start + 1
+            while stop < len(members) and (width + len(rest_of[members[stop]])) * (stop + 1 - start) <= self.token_budget:
+                stop += 1
+            part = members[start:stop]
+            start = stop
+            rests = [rest_of[member] for member in part]
+            rest_width = max(map(len, rests))
+            rest_ids = torch.zeros((len(part), rest_width), dtype=torch.long)
+            rest_mask = torch.zeros((len(part), rest_width), dtype=torch.long)
+            for row, rest in enumerate(rests):
+                rest_ids[row, :len(rest)] = torch.as_tensor(rest)
+                rest_mask[row, :len(rest)] = 1
+            rest_ids, rest_mask = rest_ids.to(self.device), rest_mask.to(self.device)
+            index = torch.as_tensor([g for g, _ in part], device=self.device)
+            cache = DynamicCache([(keys[index], values[index]) for keys, values in layers])  # its group's prefix, per member
+            lengths = torch.as_tensor([prefix_lengths[g] for g, _ in part], device=self.device)
+            positions = lengths[:, None] + torch.arange(rest_width, device=self.device)[None, :]
+            out = self.body(input_ids=rest_ids, attention_mask=torch.cat([mask[index], rest_mask], dim=1),
+                            position_ids=positions, past_key_values=cache, use_cache=True)
+            # A rest's first token is predicted by its prefix's last state, the others by the rest's own states.
+            states = torch.cat([hidden[index, lengths - 1][:, None], out.last_hidden_state[:, :-1]], dim=1)
+            flat_rest = self._token_logprobs(states[rest_mask.bool()], rest_ids[rest_mask.bool()]).cpu().numpy()
+            cursor = 0
+            for (g, k), rest in zip(part, rests):
+                length, sequence = prefix_lengths[g], groups[g][k]
+                logprobs = np.full(len(sequence), np.nan, dtype=np.float32)
+                logprobs[1:length] = flat_prefix[prefix_at[g] : prefix_at[g + 1]]
+                logprobs[length:] = flat_rest[cursor : cursor + len(rest)]
+                cursor += len(rest)
+                results[g][k] = logprobs
+        return results  # type: ignore[return-value]
+
     @torch.inference_mode()
     def _score_batch(self, sequences: list[Sequence[int]]) -> list[np.ndarray]:
         width = max(len(s) for s in sequences)
@@ -155,3 +243,12 @@ class HFEngine:
             chosen = logits.gather(1, targets[start : start + chunk, None])[:, 0]
             pieces.append(chosen - torch.logsumexp(logits, dim=-1))
         return torch.cat(pieces) if pieces else torch.empty(0)
+
+
+def _shared_prefix(group: Sequence[Sequence[int]]) -> int:
+    """Tokens every sequence of the group starts with, leaving each at least one token of its own."""
+    limit = min(map(len, group)) - 1
+    length = 0
+    while length < limit and all(sequence[length] == group[0][length] for sequence in group[1:]):
+        length += 1
+    return length
