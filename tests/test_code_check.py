@@ -3,6 +3,7 @@ pass do not verify, and right answers that an in-process harness failed do verif
 
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 
@@ -219,3 +220,16 @@ def test_every_gold_solution_of_mbpp_and_humaneval_verifies_and_only_mbpp_367_ne
     assert len(items) == 664
     assert [(i, v) for i, v in zip(ids, verdicts) if v.verified is not True] == []
     assert [i for i, v in zip(ids, verdicts) if v.one_process] == ["mbpp-367"]
+
+
+def test_generate_counts_the_verdicts_checked_in_one_process(tmp_path):
+    import polars as pl
+
+    from curate.generate import _summarise
+
+    pl.DataFrame({"row": [0, 1, 2], "verified": [True, True, False], "finished": [True] * 3,
+                  "verify_reason": ["all tests passed", "all tests passed (in one process: the tests need the answer's Node)",
+                                    "tests failed: AssertionError"]}).write_parquet(tmp_path / "part-0.parquet")
+    writer = SimpleNamespace(manifest=SimpleNamespace(shards=[{"file": "part-0.parquet", "n_rejects": 0}], rows_read=3))
+    summary = _summarise(tmp_path, writer, 1.0, "hf")
+    assert (summary.verified, summary.wrong, summary.one_process) == (2, 1, 1)

@@ -4,6 +4,7 @@ import os
 import resource
 import secrets
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -137,6 +138,18 @@ time.sleep(0.2)
     result = run_python(program, 1)
     assert result.timed_out is (ends == "times out")
     assert _host_processes_with(marker) == []
+
+
+def test_host_processes_cannot_be_signalled():
+    host = subprocess.Popen(["sleep", "30"])
+    try:
+        program = f"import os, signal\ntry:\n    os.kill({host.pid}, signal.SIGKILL)\nexcept OSError as error:\n" \
+                  "    print(type(error).__name__)\nprint(sorted(int(p) for p in os.listdir('/proc') if p.isdigit())[:2])"
+        result = run_python(program, 5)
+        assert result.stdout_tail.splitlines()[0] == "ProcessLookupError" and host.poll() is None, result
+    finally:
+        host.kill()
+        host.wait()
 
 
 def test_100_mb_of_output_is_capped_and_never_held_in_memory():
