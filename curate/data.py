@@ -21,8 +21,11 @@ from curate.errors import CurateError
 
 T = TypeVar("T")
 
-ROLES = ("system", "user", "assistant")
-_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+ROLES = ("system", "user", "assistant", "tool")
+_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "tool": "tool"}
+# Where datasets keep an assistant turn's reasoning trace (besides `<think>…</think>` in its content).
+_REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
 
 
 @dataclass
@@ -427,8 +430,18 @@ def normalise(row: int, record: dict, fields: Fields = Fields()) -> Example:
                             f"or --prompt-field/--response-field (columns: {sorted(record)})")
     if not any(m["role"] == "assistant" for m in messages):
         raise RowError(row, "no assistant turn to score", field="messages")
-    if messages[-1]["role"] != "assistant":
-        messages = messages[: max(i for i, m in enumerate(messages) if m["role"] == "assistant") + 1]
+    # The messages are the example as read (a trailing user turn too); the tokenizer marks
+    # which turns are trained. Tool definitions are context the template renders.
+    tools = record["tools"] if "tools" in record else _carried_extra(record).get("tools")
+    if tools is not None and tools != "":
+        if isinstance(tools, str):
+            try:
+                tools = json.loads(tools)
+            except json.JSONDecodeError:
+                raise RowError(row, "not a list of tool definitions (a string that is not JSON)", field="tools") from None
+        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+            raise RowError(row, "expected a list of tool definitions (objects)", field="tools")
+        messages[0]["tools"] = json.dumps(tools, ensure_ascii=False)
     reference = record.get(fields.reference)
     if reference is not None and not isinstance(reference, str):
         reference = json.dumps(reference) if isinstance(reference, (list, dict)) else str(reference)
@@ -453,19 +466,64 @@ def _text(row: int, value, field_name: str) -> str:
     return value
 
 
-def _checked_message(row: int, role, content, field_name: str, weight=None) -> dict:
+def _checked_message(row: int, role, content, field_name: str, weight=None, source: dict | None = None) -> dict:
+    """One message: role, content, and where given, Axolotl's `weight`, an assistant's
+    `tool_calls` (stored as JSON) and reasoning (`reasoning`), a tool result's `tool_call_id`/`name`."""
+    source = source or {}
     if role not in ROLES:
-        hint = " (tool calls are not supported yet)" if role in ("tool", "function", "ipython") else ""
+        hint = " (a tool result's role is `tool`)" if role in ("function", "ipython", "observation") else ""
         raise RowError(row, f"unknown role {role!r} (expected one of {', '.join(ROLES)}){hint}", field=field_name)
+    tool_calls = _checked_tool_calls(row, source.get("tool_calls"), field_name) if role == "assistant" else None
+    if content is None and tool_calls:
+        content = ""
+    if role == "tool" and isinstance(content, (dict, list)) and not _is_parts(content):
+        content = json.dumps(content, ensure_ascii=False)
     content = _text(row, _joined_parts(row, content, field_name), field_name)
-    if role == "assistant" and not content.strip():
+    reasoning = None
+    for key in _REASONING_KEYS:
+        if role == "assistant" and source.get(key) not in (None, ""):
+            reasoning = _text(row, source[key], f"{field_name}.{key}")
+            break
+    if role == "assistant" and not content.strip() and not tool_calls:
         raise RowError(row, "empty assistant response", field=field_name)
     message = {"role": role, "content": content}
+    if tool_calls:
+        message["tool_calls"] = json.dumps(tool_calls, ensure_ascii=False)
+    if reasoning is not None:
+        message["reasoning"] = reasoning
+    for key in ("tool_call_id", "name"):
+        if role == "tool" and isinstance(source.get(key), str):
+            message[key] = source[key]
     if weight is not None:
         if weight not in (0, 1) or isinstance(weight, str):
             raise RowError(row, f"weight is 0 (context only) or 1 (trained), not {weight!r}", field=f"{field_name}.weight")
         message["weight"] = int(weight)
     return message
+
+
+def _is_parts(content) -> bool:
+    return isinstance(content, list) and all(isinstance(part, dict) and "type" in part for part in content)
+
+
+def _checked_tool_calls(row: int, calls, field_name: str) -> list[dict] | None:
+    """OpenAI `tool_calls`: [{"type": "function", "function": {"name", "arguments"}}], arguments
+    an object or its JSON text; a list stored as JSON text (a scored set read back) too."""
+    if calls is None or calls == "" or calls == []:
+        return None
+    if isinstance(calls, str):
+        try:
+            calls = json.loads(calls)
+        except json.JSONDecodeError:
+            raise RowError(row, "not a list of tool calls (a string that is not JSON)", field=f"{field_name}.tool_calls") from None
+    if not isinstance(calls, list):
+        raise RowError(row, "expected a list of tool calls", field=f"{field_name}.tool_calls")
+    for index, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or \
+                not isinstance(function.get("arguments", {}), (str, dict)):
+            raise RowError(row, "a tool call is {\"type\": \"function\", \"function\": {\"name\": ..., \"arguments\": ...}}",
+                           field=f"{field_name}.tool_calls[{index}]")
+    return calls
 
 
 def _joined_parts(row: int, content, field_name: str):
@@ -492,9 +550,9 @@ def _from_messages(row: int, messages, field_name: str) -> list[dict[str, str]]:
     out = []
     for index, message in enumerate(messages):
         where = f"{field_name}[{index}]"
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+        if not isinstance(message, dict) or "role" not in message or ("content" not in message and not message.get("tool_calls")):
             raise RowError(row, "expected an object with `role` and `content`", field=where)
-        out.append(_checked_message(row, message["role"], message["content"], where, message.get("weight")))
+        out.append(_checked_message(row, message["role"], message.get("content"), where, message.get("weight"), message))
     return out
 
 
@@ -512,7 +570,7 @@ def _from_sharegpt(row: int, turns) -> list[dict[str, str]]:
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise RowError(row, "expected an object with `from` and `value`", field=where)
         role = _SHAREGPT_ROLES.get(turn["from"], turn["from"])
-        out.append(_checked_message(row, role, turn["value"], where))
+        out.append(_checked_message(row, role, turn["value"], where, turn.get("weight"), turn))
     return out
 
 

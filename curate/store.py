@@ -28,7 +28,8 @@ import pyarrow.parquet as pq
 from curate.errors import CurateError
 
 # 2: `end_of_turn` per token, `weight` per message, the model's fingerprint in the manifest.
-FORMAT_VERSION = 2
+# 3: per message `trained`, `tool_calls`, `reasoning`, `tool_call_id`, `name`; targets are what the model generates.
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 JOURNAL = "shards.jsonl"
 REJECTS = "rejects.jsonl"
@@ -40,7 +41,12 @@ SHARD_KEY = b"curate_shard"  # in each shard file: which shard of which run it i
 _OURS = re.compile(r"(part-\d{5}\.parquet|manifest\.json|rejects\.jsonl|shards\.jsonl)(\.partial)?|\.curate\.lock")
 
 # weight: Axolotl's per-message flag; 0 = context only, never trained (null = trained).
-MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string()), ("weight", pa.int8())])
+# trained: whether curate trained this turn (the messages are the example as read, a trailing
+# user turn too). tool_calls: an assistant's calls, as JSON. reasoning: its trace, where the
+# input gave one as a field (a `<think>` block stays in `content`).
+MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string()), ("weight", pa.int8()), ("trained", pa.bool_()),
+                     ("tool_calls", pa.string()), ("reasoning", pa.string()), ("tool_call_id", pa.string()),
+                     ("name", pa.string())])
 
 SCORED_SCHEMA = pa.schema(
     [

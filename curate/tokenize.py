@@ -1,51 +1,97 @@
 """Render a conversation with the model's chat template and find the tokens trained on.
 
-The target tokens are exactly the tokens of each trained assistant turn's content, plus the
-end-of-turn token that the template puts right after it (a model that never trains on it
-never learns to stop). These ids are what the scorer scores and what Axolotl trains on, so
-the export is pre-tokenized: nothing re-tokenises between scoring and training.
+What is trained is what the model must generate. For each trained assistant turn, the
+targets are the tokens the model produces after the generation prompt for that answer to
+come out: template text the model writes itself (gpt-oss's `<|channel|>final<|message|>`,
+Qwen3's think block), the reasoning trace where it is kept, the content, any tool call, and
+the end-of-turn token this turn really ends with (`<|end|>` or `<|return|>` on gpt-oss).
+These ids are what the scorer scores and what Axolotl trains on: nothing re-tokenises
+between scoring and training.
 
-How the spans are found, exactly, on any template:
-1. The conversation is rendered twice: as it is, and with every message's content replaced
-   by a placeholder. The placeholder rendering is the template's own text; putting each
-   content back (as is, or trimmed, as Llama-3 and Gemma templates do) must give the real
-   rendering character for character, or the row is rejected: we never guess a position.
-2. Each trained assistant turn must follow the rendering of the conversation before it with
-   the generation prompt, which is the context the model answers in. A template that
-   re-renders earlier turns (Mistral moves the system prompt) fails this, and the row is
-   rejected with the reason rather than trained on a context the model never sees.
-3. The text is tokenized once, with the template's special-token markers recognised and the
-   message contents never turned into control tokens: a copy of the tokenizer knows each
-   special token under a private name, which only the template's markers are rewritten to.
-   One pass over the whole text keeps the tokenization identical to the model's own.
-4. A token is a target if it overlaps a trained content, or the whitespace the template puts
-   between the generation prompt and the content: SentencePiece's `▁Word` starts on
-   the space the template puts before the answer, and the model must still learn to say it.
+How, exactly, on any template:
+1. The prompt of a trained turn is the template's generation prompt for the conversation
+   before it, tokenized on its own: the prompt's ids are the ids the model is given at
+   inference. The answer is tokenized from that boundary on, so no target token holds a
+   character of the prompt (Qwen2.5 would otherwise merge its `\\n` with an answer's `\\n\\n`).
+2. The turn's text is the template's rendering after that prompt. Every message content is
+   located in the rendering by rendering placeholders in its place and putting it back (as
+   is, trimmed, or as JSON): never guessed. A template that re-renders earlier turns
+   differently (Mistral moves the system prompt; reasoning templates drop earlier traces)
+   cannot train those turns in the context the model answers them in: the row is rejected
+   with that reason.
+3. Reasoning (`<think>…</think>` in the content, or a `reasoning_content`/`thinking` field)
+   is given to the template as it knows it (`reasoning_content`, `thinking`, or the literal
+   think block). Where the template opens a think block in its generation prompt but would
+   drop the trace when re-rendering (DeepSeek-R1, QwQ), the turn is the trace the model
+   writes after that prompt: reasoning, closing marker, answer, end of turn. `--reasoning
+   drop` trains answers only, an empty think block being context.
+4. The end of a turn is the special token right after its content, or for a turn that ends
+   in a tool call, the first end-of-turn token after it (the template's own, found from
+   probe conversations that may fail, and the tokenizer's end of sequence).
+5. The text is tokenized with the template's special-token markers recognised and message
+   contents never turned into control tokens: a copy of the tokenizer knows each special
+   token under a private name, whose ids are mapped back to the model's own. At load, and
+   on the first rows, curate's ids are checked against the tokenizer's own.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 from curate.data import RowError
 
 SYSTEM_PROMPT_POLICIES = ("keep", "merge", "drop")
 TRAIN_TURNS = ("all", "last")
+REASONING_POLICIES = ("keep", "drop")
 
 # Private-use code points: they pass every normaliser unchanged and no real text holds them.
 _SENTINEL = "\ue000{}\ue001"
 _PLACEHOLDER = "\ue002{}\ue003"
 _PLACEHOLDER_RE = re.compile("\ue002(\\d+)\ue003")
+_REASONING_SLOT = 1_000_000  # placeholder index of message i's reasoning: _REASONING_SLOT + i
+
+_THINK_BLOCK = re.compile(r"^\s*<think>(.*?)</think>(.*)$", re.DOTALL)
+_THINK_CLOSE = re.compile(r"^(.*?)</think>(.*)$", re.DOTALL)
+_THINK_OPEN_AT_END = re.compile(r"<think>(\s*)$")
+
+# Rows whose tokenization is checked against the model tokenizer's own, at the start of a run.
+_ROWS_CHECKED = 32
+
+# Curate's own message keys, never passed to a template.
+_OWN_KEYS = {"weight", "reasoning", "trained", "tools"}
 
 
 @dataclass
 class TokenizedExample:
     input_ids: list[int]
-    target: list[bool]  # True where the token is trained assistant content or its end-of-turn token
-    end_of_turn: list[bool]  # True on the end-of-turn token after a trained turn (never masked)
+    target: list[bool]  # True on each token a trained turn generates (see the module docstring)
+    end_of_turn: list[bool]  # True on the end-of-turn token of each trained turn (never masked)
     truncated: bool = False
+    # Per trained turn: its message index, token range [start, end), end-of-turn token, and
+    # how its reasoning and tool calls were handled (for `curate preview`).
+    turns: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class _Piece:
+    """A stretch of text: template text (`index` None) or message `index`'s content/reasoning."""
+
+    text: str
+    index: int | None = None
+    kind: str = "template"  # template, content, reasoning
+
+
+@dataclass
+class _Turn:
+    index: int
+    start: int  # character where the model starts generating (end of its generation prompt)
+    end: int  # character after its end-of-turn token
+    end_token: str
+    reasoning: str  # trained, context, dropped, none
+    tool_calls: int
 
 
 class ChatTokenizer:
@@ -55,10 +101,11 @@ class ChatTokenizer:
     first user turn (for templates without a system role, such as Gemma-2), `drop` removes them.
     train_turns: `all` assistant turns are targets, or only the `last`; a message with
     `weight: 0` (Axolotl's per-message flag) is never a target. Untrained turns stay context.
+    reasoning: `keep` trains reasoning traces with their answers; `drop` trains answers only.
     """
 
     def __init__(self, tokenizer, max_length: int | None = None, truncate: bool = False,
-                 system_prompt: str = "keep", train_turns: str = "all"):
+                 system_prompt: str = "keep", train_turns: str = "all", reasoning: str = "keep"):
         if not tokenizer.chat_template:
             raise ValueError("the tokenizer has no chat template; give a chat (instruct) model")
         if not tokenizer.is_fast:
@@ -67,13 +114,21 @@ class ChatTokenizer:
             raise ValueError(f"--system-prompt is one of {', '.join(SYSTEM_PROMPT_POLICIES)}, not {system_prompt!r}")
         if train_turns not in TRAIN_TURNS:
             raise ValueError(f"--train-turns is one of {', '.join(TRAIN_TURNS)}, not {train_turns!r}")
+        if reasoning not in REASONING_POLICIES:
+            raise ValueError(f"--reasoning is one of {', '.join(REASONING_POLICIES)}, not {reasoning!r}")
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.truncate = truncate
         self.system_prompt = system_prompt
         self.train_turns = train_turns
+        self.reasoning = reasoning
         self._markers = _MarkerTokenizer(tokenizer)
-        self.end_of_turn_id = self._find_end_of_turn()
+        self._rows_checked = 0
+        self._lock = threading.Lock()
+        # The thinking switch of the row being rendered (templates read `enable_thinking` or
+        # `thinking`): on for a row with reasoning kept, off with --reasoning drop, else the template's default.
+        self._row = threading.local()
+        self.end_of_turn_tokens, self.end_of_turn_id = self._find_end_of_turn()
 
     @property
     def end_of_turn_token(self) -> str:
@@ -81,19 +136,24 @@ class ChatTokenizer:
 
     def options(self) -> dict:
         """What decides the targets, for the manifest (a resumed run must use the same)."""
-        return {"system_prompt": self.system_prompt, "train_turns": self.train_turns,
-                "end_of_turn": {"id": self.end_of_turn_id, "token": self.end_of_turn_token}}
+        return {"system_prompt": self.system_prompt, "train_turns": self.train_turns, "reasoning": self.reasoning,
+                "end_of_turn": {"id": self.end_of_turn_id, "token": self.end_of_turn_token},
+                "end_of_turn_tokens": sorted(self.end_of_turn_tokens)}
 
     # ------------------------------------------------------------ rendering
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False, row: int = -1) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, row: int = -1,
+               tools: list | None = None) -> str:
         """The template's text; a template that refuses the conversation raises `RowError`."""
         from jinja2 import TemplateError
 
+        thinking = getattr(self._row, "thinking", None)
+        switches = {} if thinking is None else {"enable_thinking": thinking, "thinking": thinking}
         try:
-            return self.tokenizer.apply_chat_template(_template_messages(messages), tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt)
-        except (TemplateError, ValueError, TypeError, KeyError, IndexError) as error:
+            return self.tokenizer.apply_chat_template(
+                [_template_message(m) for m in messages], tools=tools, tokenize=False,
+                add_generation_prompt=add_generation_prompt, **switches)
+        except (TemplateError, ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
             raise RowError(row, f"the chat template refused this conversation: {error}", field="messages") from None
 
     def conversation(self, row: int, messages: list[dict]) -> list[dict]:
@@ -102,112 +162,315 @@ class ChatTokenizer:
 
     def prompt_ids(self, messages: list[dict], row: int = -1) -> list[int]:
         """Token ids of a prompt ready for the model to answer (generation prompt added)."""
-        messages = self.conversation(row, messages)
-        text = self.render(messages, add_generation_prompt=True, row=row)
-        pieces = self._pieces(row, messages, text, add_generation_prompt=True)
-        return self._markers.encode(pieces)[0]
+        tools = _tools_of(messages)
+        self._row.thinking = False if self.reasoning == "drop" else None
+        messages = [self._for_template(m, reasoning=False) for m in self.conversation(row, messages)]
+        pieces = self._layout(row, messages, add_generation_prompt=True, tools=tools)
+        return self._markers.encode(pieces, [])[0]
 
     # ------------------------------------------------------------ targets
 
     def encode(self, row: int, messages: list[dict]) -> TokenizedExample:
-        messages = self.conversation(row, messages)
-        trained = self._trained_turns(messages)
+        """The row's ids and targets. Marks each of `messages` with `trained` (True/False)."""
+        tools = _tools_of(messages)
+        conversation = self.conversation(row, messages)
+        trained = self._trained_turns(conversation)
+        for message in messages:
+            message["trained"] = any(message is conversation[i] for i in trained)
         if not trained:
-            raise RowError(row, "no assistant turn is trained (every one has weight 0)", field="messages")
-        text = self.render(messages, row=row)
-        pieces = self._pieces(row, messages, text)
-        spans = {index: (start, end) for index, start, end in _content_spans(pieces)}
-        lead = {}
-        for index in trained:
-            if index not in spans:
-                raise RowError(row, "the chat template leaves this assistant turn out of the text", field=f"messages[{index}]")
-            lead[index] = self._check_context(row, messages, index, text, spans[index][0])
-        input_ids, offsets, marked_spans = self._markers.encode(pieces)
+            raise RowError(row, "no assistant turn is trained (every one has weight 0, or there is none)", field="messages")
+        last = trained[-1]
+        conversation = conversation[:last + 1]
+        if self.reasoning == "drop":
+            self._row.thinking = False
+        else:
+            self._row.thinking = True if any(split_reasoning(conversation[i])[0] is not None for i in trained) else None
+        pieces, turns = self._last_turn(row, conversation, last, tools)
+        turns = self._earlier_turns(row, conversation, trained[:-1], tools, pieces, turns[0].start) + turns
+        boundaries = [turn.start for turn in turns]
+        input_ids, offsets, text = self._markers.encode(pieces, boundaries)
+        self._check_row(pieces)
         target, end_of_turn = [False] * len(input_ids), [False] * len(input_ids)
-        for index in trained:
-            start, end = marked_spans[index]
-            last = self._mark_content(offsets, start - lead[index], end, target)
-            if last + 1 < len(input_ids) and input_ids[last + 1] == self.end_of_turn_id:
-                target[last + 1] = end_of_turn[last + 1] = True
-        return self._limit(row, TokenizedExample(input_ids, target, end_of_turn))
+        spans = []
+        for turn in turns:
+            first = last_token = None
+            for token, (start, end) in enumerate(offsets):
+                if start >= turn.start and end <= turn.end and end > start:
+                    target[token] = True
+                    first = token if first is None else first
+                    last_token = token
+            if last_token is None or text[offsets[last_token][0]:offsets[last_token][1]] != turn.end_token:
+                raise RowError(row, "the end-of-turn token of this turn is not a token of its own", field=f"messages[{turn.index}]")
+            end_of_turn[last_token] = True
+            spans.append({"message": turn.index, "tokens": [first, last_token + 1], "end_of_turn": turn.end_token,
+                          "reasoning": turn.reasoning, "tool_calls": turn.tool_calls})
+        return self._limit(row, TokenizedExample(input_ids, target, end_of_turn, turns=spans))
 
     def _trained_turns(self, messages: list[dict]) -> list[int]:
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight", 1) != 0]
         return turns[-1:] if self.train_turns == "last" else turns
 
-    def _pieces(self, row: int, messages: list[dict], text: str, add_generation_prompt: bool = False) -> list[str | int]:
-        """The rendered text as template strings and message indices (where a content goes),
-        checked to rebuild `text` exactly; see the module docstring."""
-        placeholders = [{**m, "content": _PLACEHOLDER.format(i)} for i, m in enumerate(messages)]
-        layout = self.render(placeholders, add_generation_prompt=add_generation_prompt, row=row)
-        parts = _PLACEHOLDER_RE.split(layout)  # template, index, template, index, ..., template
-        pieces: list[str | int] = []
+    # ------------------------------------------------------------ the last trained turn
+
+    def _last_turn(self, row: int, conversation: list[dict], last: int, tools) -> tuple[list[_Piece], list[_Turn]]:
+        """The pieces of the whole sequence (the last trained turn's generation prompt, then what
+        the model generates after it, then the template's text to the end of that turn), and that turn."""
+        message = conversation[last]
+        reasoning, answer, literal = split_reasoning(message)
+        keep = self.reasoning == "keep" and reasoning is not None
+        context = [self._for_template(m, reasoning=self.reasoning == "keep") for m in conversation[:last]]
+        prompt = self._layout(row, context, add_generation_prompt=True, tools=tools)
+        prompt_text = _text(prompt)
+        think_open = _THINK_OPEN_AT_END.search(prompt_text)
+        tool_calls = len(_tool_calls(message))
+
+        plain = {k: v for k, v in message.items() if k not in ("reasoning", "reasoning_content", "thinking")}
+        attempts = []
+        if keep:  # as fields (Qwen3, gpt-oss), else as the literal think block (QwQ's last turn; plain templates)
+            attempts.append(({**plain, "content": answer, "reasoning_content": reasoning, "thinking": reasoning}, "fields"))
+            attempts.append(({**plain, "content": literal}, "literal"))
+        else:
+            attempts.append(({**plain, "content": answer}, "answer"))
+        refusal = None
+        for attempt, how in attempts:
+            try:
+                pieces = self._layout(row, [*context, attempt], tools=tools)
+            except RowError as error:
+                refusal = refusal or error
+                continue
+            if not _text(pieces).startswith(prompt_text):
+                continue
+            if how == "fields" and not any(p.kind == "reasoning" and p.index == last for p in pieces):
+                continue  # the template ignores the reasoning fields
+            after = _split_at(pieces, len(prompt_text))[1]
+            if how == "literal" and not any(p.index == last and p.kind == "content" for p in after):
+                continue
+            state = "trained" if keep else ("dropped" if reasoning is not None else "none")
+            return self._finish(row, prompt, after, last, len(prompt_text), state, tool_calls)
+        if think_open:
+            return self._synthesise(row, conversation, context, prompt, last, answer, literal if keep else None,
+                                    think_open.group(1), tools, tool_calls, reasoning is not None)
+        if refusal is not None:
+            raise refusal
+        hint = " (try --system-prompt merge)" if any(m["role"] == "system" for m in conversation) else ""
+        raise RowError(row, "the chat template renders the conversation before this turn differently once the "
+                            "conversation goes on, so the model would be trained on a context it never answers "
+                            f"in{hint}", field=f"messages[{last}]")
+
+    def _synthesise(self, row, conversation, context, prompt, last, answer, literal, think_space, tools, tool_calls,
+                    had_reasoning):
+        """The generation prompt opens a think block that the template's own rendering of this
+        turn lacks (it drops traces): the turn is what the model writes after that prompt."""
+        message = conversation[last]
+        plain = {k: v for k, v in message.items() if k not in ("reasoning", "reasoning_content", "thinking")}
+        pieces = self._layout(row, [*context, {**plain, "content": answer}], tools=tools)
+        located = [k for k, p in enumerate(pieces) if p.index == last and p.kind == "content"]
+        if not located:
+            raise RowError(row, "the chat template leaves this assistant turn's answer out of the text", field=f"messages[{last}]")
+        tail = pieces[located[-1] + 1:]  # the template's text after the answer: its end of turn
+        answer_text = pieces[located[-1]].text
+        prompt_text = _text(prompt)
+        close = "\n</think>\n\n" if think_space else "</think>"
+        if literal is not None:
+            body = re.sub(r"^\s*<think>", "", literal, count=1)
+            if think_space and body.startswith(think_space):
+                body = body[len(think_space):]
+            generated = [_Piece(body, last, "content")]
+            context_close, state = [], "trained"
+        elif self.reasoning == "keep":
+            generated = [_Piece(close), _Piece(answer_text.lstrip("\n"), last, "content")]
+            context_close, state = [], "none"
+        else:
+            generated = [_Piece(answer_text.lstrip("\n"), last, "content")]
+            context_close, state = [_Piece(close)], "dropped" if had_reasoning else "none"
+        prompt = [*prompt, *context_close]
+        start = len(prompt_text) + len(_text(context_close))
+        return self._finish(row, prompt, [*generated, *tail], last, start, state, tool_calls)
+
+    def _finish(self, row, prompt, after, index, start, reasoning, tool_calls) -> tuple[list[_Piece], list[_Turn]]:
+        """The whole sequence's pieces and the trained turn that starts at `start`."""
+        pieces = [*prompt, *after]
+        end, token = self._end_of_turn(row, pieces, index, start, tool_calls)
+        return pieces, [_Turn(index, start, end, token, reasoning, tool_calls)]
+
+    # ------------------------------------------------------------ earlier trained turns
+
+    def _earlier_turns(self, row, conversation, indices, tools, pieces, limit) -> list[_Turn]:
+        """Each earlier trained turn, where the sequence holds it as the model generates it
+        after its own generation prompt."""
+        turns = []
+        text = _text(pieces)
+        for index in indices:
+            message = conversation[index]
+            reasoning, _, _ = split_reasoning(message)
+            context = [self._for_template(m, reasoning=self.reasoning == "keep") for m in conversation[:index]]
+            prompt = self.render(context, add_generation_prompt=True, row=row, tools=tools)
+            if not text.startswith(prompt) or len(prompt) > limit:
+                if _THINK_OPEN_AT_END.search(prompt):
+                    raise RowError(row, "the chat template opens a think block for each answer but renders earlier "
+                                        "answers without it, so this earlier turn cannot be trained in the context "
+                                        "the model answers it in (pass --train-turns last: earlier turns are then "
+                                        "context)", field=f"messages[{index}]")
+                hint = " (try --system-prompt merge)" if any(m["role"] == "system" for m in conversation) else ""
+                raise RowError(row, "the chat template renders the conversation before this turn differently once "
+                                    "the conversation goes on, so the model would be trained on a context it never "
+                                    f"answers in{hint}", field=f"messages[{index}]")
+            kept = self.reasoning == "keep" and reasoning is not None
+            if kept and not any(p.index == index and p.kind == "reasoning" for p in pieces) and \
+                    reasoning.strip() not in _text([p for p in pieces if p.index == index]):
+                raise RowError(row, "the chat template drops the reasoning of earlier turns, so this turn cannot be "
+                                    "trained with its reasoning in the context the model answers it in (pass "
+                                    "--train-turns last, or --reasoning drop)", field=f"messages[{index}]")
+            tool_calls = len(_tool_calls(message))
+            end, token = self._end_of_turn(row, pieces, index, len(prompt), tool_calls)
+            state = "trained" if kept else ("dropped" if reasoning is not None else "none")
+            turns.append(_Turn(index, len(prompt), end, token, state, tool_calls))
+        return turns
+
+    # ------------------------------------------------------------ end of turn
+
+    def _end_of_turn(self, row: int, pieces: list[_Piece], index: int, start: int, tool_calls: int) -> tuple[int, str]:
+        """(character after, text) of the token that ends turn `index`: the special token right
+        after its content, or, after a tool call, the first end-of-turn token."""
+        position, contents_after = 0, []
+        content_end, spans = None, []
+        for piece in pieces:
+            if piece.index == index and piece.kind == "content" and position + len(piece.text) >= start:
+                content_end = position + len(piece.text)
+            elif piece.index is not None and piece.index > index:
+                contents_after.append(position)
+            if piece.index is None:
+                spans.append((position, piece.text))
+            position += len(piece.text)
+        search_from = max(start, content_end if content_end is not None else start)
+        boundary = min(contents_after, default=position)
+        found = None
+        for piece_start, piece_text in spans:
+            if piece_start + len(piece_text) <= search_from:
+                continue
+            offset = max(0, search_from - piece_start)
+            for match in self._markers.pattern.finditer(piece_text, offset):
+                token = match.group(0)
+                right_after = piece_start + match.start() == search_from and content_end is not None and not tool_calls
+                if right_after or token in self.end_of_turn_tokens:
+                    found = (piece_start + match.end(), token)
+                    break
+            if found:
+                break
+        if found is None or found[0] > boundary:
+            raise RowError(row, "the chat template puts no end-of-turn token after this assistant turn, so a model "
+                                "trained on it could not learn to stop", field=f"messages[{index}]")
+        return found
+
+    def _find_end_of_turn(self) -> tuple[set[str], int]:
+        """The template's end-of-turn tokens, from probe conversations (any of which the template
+        may refuse: then the rows themselves tell), and the tokenizer's end of sequence."""
+        found: list[str] = []
+        user, answer = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}
+        call = {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "probe", "arguments": {"x": 1}}}]}
+        probes = [[user, answer], [user, answer, {"role": "user", "content": "And?"}, answer],
+                  [{"role": "system", "content": "Be brief."}, user, answer]]
+        for probe in probes:
+            try:
+                pieces = self._layout(0, probe)
+            except RowError:
+                continue
+            for k, piece in enumerate(pieces):
+                if piece.kind == "content" and probe[piece.index]["role"] == "assistant" and k + 1 < len(pieces):
+                    match = self._markers.pattern.match(pieces[k + 1].text)
+                    if match and pieces[k + 1].index is None:
+                        found.append(match.group(0))
+        try:
+            text = self.render([user, call])
+            markers = self._markers.pattern.findall(text)
+            if markers:
+                found.append(markers[-1])
+        except RowError:
+            pass
+        eos = self.tokenizer.eos_token
+        tokens = set(found) | ({eos} if eos in self._markers.names else set())
+        main = found[0] if found else eos
+        if main is None:
+            raise ValueError("the tokenizer has no end-of-sequence token and the chat template rendered no probe "
+                             "conversation, so no end-of-turn token can be known")
+        return tokens, self.tokenizer.convert_tokens_to_ids(main)
+
+    # ------------------------------------------------------------ layout
+
+    def _for_template(self, message: dict, reasoning: bool) -> dict:
+        """A message as the template gets it: reasoning in the fields templates read (or none)."""
+        if message["role"] != "assistant":
+            return message
+        if "reasoning_content" in message or "thinking" in message:
+            return message
+        found, answer, _ = split_reasoning(message)
+        if found is None:
+            return message
+        out = {k: v for k, v in message.items() if k != "reasoning"}
+        out["content"] = answer
+        if reasoning:
+            out["reasoning_content"] = out["thinking"] = found
+        return out
+
+    def _layout(self, row: int, messages: list[dict], add_generation_prompt: bool = False,
+                tools: list | None = None) -> list[_Piece]:
+        """The rendered text as template pieces and located message contents (and reasoning),
+        checked to rebuild the real rendering exactly; see the module docstring."""
+        text = self.render(messages, add_generation_prompt=add_generation_prompt, row=row, tools=tools)
+        placeholders = []
+        for i, m in enumerate(messages):
+            m = dict(m)
+            if isinstance(m.get("content"), str) and m["content"]:
+                m["content"] = _PLACEHOLDER.format(i)
+            for key in ("reasoning_content", "thinking"):
+                if isinstance(m.get(key), str) and m[key]:
+                    m[key] = _PLACEHOLDER.format(_REASONING_SLOT + i)
+            placeholders.append(m)
+        layout = self.render(placeholders, add_generation_prompt=add_generation_prompt, row=row, tools=tools)
+        parts = _PLACEHOLDER_RE.split(layout)  # template, slot, template, slot, ..., template
+        pieces: list[_Piece] = []
         position = 0
         for k, part in enumerate(parts):
             if k % 2 == 0:
                 if not text.startswith(part, position):
                     raise RowError(row, "the chat template changes the message text in a way that cannot be "
                                         "located exactly (only trimming is understood)", field="messages")
-                pieces.append(part)
+                if part:
+                    pieces.append(_Piece(part))
                 position += len(part)
                 continue
-            index = int(part)
+            slot = int(part)
+            index, kind = (slot - _REASONING_SLOT, "reasoning") if slot >= _REASONING_SLOT else (slot, "content")
+            value = messages[index]["reasoning_content" if kind == "reasoning" and "reasoning_content" in messages[index]
+                                    else "thinking" if kind == "reasoning" else "content"]
             following = parts[k + 1]
-            content = messages[index]["content"]
-            for rendered in dict.fromkeys([content, content.strip(), content.lstrip(), content.rstrip()]):
+            # as is, trimmed, or JSON-escaped inside the template's quotes (`content|tojson`)
+            for rendered in dict.fromkeys([value, value.strip(), value.lstrip(), value.rstrip(), value.strip("\n"),
+                                           json.dumps(value, ensure_ascii=False)[1:-1]]):
                 if text.startswith(rendered, position) and text.startswith(following, position + len(rendered)):
                     break
             else:
                 raise RowError(row, "the chat template rewrites this message's text, so its tokens cannot be "
                                     "located exactly", field=f"messages[{index}]")
-            pieces.extend([index, rendered])
+            pieces.append(_Piece(rendered, index, kind))
             position += len(rendered)
         if position != len(text):
             raise RowError(row, "the chat template's text does not match its layout", field="messages")
         return pieces
 
-    def _check_context(self, row: int, messages: list[dict], index: int, text: str, start: int) -> int:
-        """An assistant turn is trained only in the context the model answers it in. Returns
-        how many characters of whitespace the template puts between that context and the
-        content (Mistral's space after `[/INST]`): the model writes them, so they are trained."""
-        if index == 0:
-            return 0
-        prompt = self.render(messages[:index], add_generation_prompt=True, row=row)
-        if not (text.startswith(prompt) and len(prompt) <= start):
-            hint = " (try --system-prompt merge)" if any(m["role"] == "system" for m in messages) else ""
-            raise RowError(row, "the chat template renders the conversation before this turn differently once the "
-                                "conversation goes on, so the model would be trained on a context it never answers "
-                                f"in{hint}", field=f"messages[{index}]")
-        gap = text[len(prompt):start]
-        return len(gap) if gap.isspace() else 0
+    # ------------------------------------------------------------ checks and limits
 
-    @staticmethod
-    def _mark_content(offsets: list[tuple[int, int]], start: int, end: int, target: list[bool]) -> int:
-        """Mark the tokens that overlap [start, end); returns the index of the last one."""
-        last = -1
-        for token, (token_start, token_end) in enumerate(offsets):
-            if token_start >= end:
-                break
-            if token_end > start:
-                target[token] = True
-                last = token
-        return last
-
-    def _find_end_of_turn(self) -> int:
-        """The token the template puts right after an assistant answer: one fact, from the template."""
-        messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
-        try:
-            text = self.render(messages)
-            pieces = self._pieces(0, messages, text)
-        except RowError as error:
-            raise ValueError(f"cannot find the end-of-turn token of this chat template: {error.reason}") from None
-        input_ids, offsets, spans = self._markers.encode(pieces)
-        last = self._mark_content(offsets, *spans[1], [False] * len(input_ids))
-        following = input_ids[last + 1] if last + 1 < len(input_ids) else None
-        if following not in self._markers.special_ids:
-            raise ValueError("this chat template puts no special token right after an assistant answer, so a model "
-                             "trained on it could not learn to stop")
-        return following
+    def _check_row(self, pieces: list[_Piece]) -> None:
+        """On the first rows of a run: curate's tokenization of the row's text, where no content
+        holds a special token's text, must be the model tokenizer's own."""
+        with self._lock:
+            if self._rows_checked >= _ROWS_CHECKED:
+                return
+            self._rows_checked += 1
+        if any(p.index is not None and self._markers.pattern.search(p.text) for p in pieces):
+            return
+        self._markers.check(_text(pieces))
 
     def _limit(self, row: int, example: TokenizedExample) -> TokenizedExample:
         if self.max_length is None or len(example.input_ids) <= self.max_length:
@@ -216,7 +479,8 @@ class ChatTokenizer:
             raise RowError(row, f"{len(example.input_ids)} tokens is over --max-length {self.max_length} "
                                 "(pass --truncate to keep the first --max-length tokens)")
         n = self.max_length
-        example = TokenizedExample(example.input_ids[:n], example.target[:n], example.end_of_turn[:n], truncated=True)
+        example = TokenizedExample(example.input_ids[:n], example.target[:n], example.end_of_turn[:n], truncated=True,
+                                   turns=[t for t in example.turns if t["tokens"][0] < n])
         if not any(example.target):
             raise RowError(row, f"no response token within the first {self.max_length} tokens (--max-length)")
         return example
@@ -227,69 +491,247 @@ class _MarkerTokenizer:
 
     A copy of the fast tokenizer knows every special token under a private name; template
     pieces have their special-token strings rewritten to those names, contents are left as
-    they are (so `</s>` written in an answer stays the text `</s>`). The ids of the private
-    names are mapped back to the real ones."""
+    they are (so `</s>` written in an answer stays the text `</s>`). Reloading the copy gives
+    its added tokens new ids (DeepSeek-V3's specials 0-2 are also vocabulary entries, and
+    every later added token moves up): every added token's id is mapped back to the model's
+    own, and the copy is checked to give the model tokenizer's own ids before it is used."""
 
     def __init__(self, tokenizer):
         from tokenizers import Tokenizer
 
-        backend = json.loads(tokenizer.backend_tokenizer.to_str())
-        specials = {token.content: token_id for token_id, token in tokenizer.added_tokens_decoder.items() if token.special}
-        specials.update({token: tokenizer.convert_tokens_to_ids(token) for token in tokenizer.all_special_tokens})
-        self.special_ids = set(specials.values())
-        self._names = {}  # special-token text -> its private name (only tokens the backend splits out)
+        self.original = tokenizer.backend_tokenizer
+        backend = json.loads(self.original.to_str())
+        specials = {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
+        specials.update(tokenizer.all_special_tokens)
+        self.names = {}  # special-token text -> its private name (only tokens the backend splits out)
+        originals = {}  # name in the copy -> the model's id
         for added in backend.get("added_tokens", []):
-            if added["content"] in specials:
-                private = _SENTINEL.format(added["id"])
-                self._names[added["content"]] = private
-                added["content"] = private
+            content = added["content"]
+            if content in specials:
+                self.names[content] = _SENTINEL.format(added["id"])
+                added["content"] = self.names[content]
+            originals[added["content"]] = added["id"]
         self.backend = Tokenizer.from_str(json.dumps(backend))
-        self.backend.no_truncation()
-        self.backend.no_padding()
-        self._private_ids = {self.backend.token_to_id(_SENTINEL.format(i)): i for i in self.special_ids}
-        self._private_ids.pop(None, None)
+        # The same, for text that goes on from ordinary text: no space prepended at its start
+        # (Phi-3's normaliser prepends "▁" to every stretch between special tokens).
+        self.backend_within = Tokenizer.from_str(json.dumps(_without_prepend(backend)))
+        for copy in (self.backend, self.backend_within):
+            copy.no_truncation()
+            copy.no_padding()
+        self._to_model = {}
+        for name, model_id in originals.items():
+            copy_id = self.backend.token_to_id(name)
+            if copy_id is None:
+                raise ValueError(f"curate's copy of the tokenizer lost the added token {name!r}; refusing to guess its id")
+            self._to_model[copy_id] = model_id
         # Longest first, as the tokenizer itself matches added tokens.
-        self._pattern = re.compile("|".join(re.escape(s) for s in sorted(self._names, key=len, reverse=True)) or "(?!)")
+        self.pattern = re.compile("|".join(re.escape(s) for s in sorted(self.names, key=len, reverse=True)) or "(?!)")
+        self._private = re.compile("|".join(re.escape(s) for s in self.names.values()) or "(?!)")
+        self._continue = next(iter(self.names.values()), None)  # a private name: a segment starts after it
+        self._check_at_load(tokenizer)
 
-    def text(self, pieces: list[str | int]) -> tuple[str, dict[int, tuple[int, int]]]:
-        """The text the copy tokenizes, and where each message's content lies in it."""
-        out, spans, position, content_of = [], {}, 0, None
-        for piece in pieces:
-            if isinstance(piece, int):
-                content_of = piece
-                continue
-            if content_of is None:
-                piece = self._pattern.sub(lambda match: self._names[match.group(0)], piece)
-            else:
-                spans[content_of] = (position, position + len(piece))
-                content_of = None
-            out.append(piece)
-            position += len(piece)
-        return "".join(out), spans
+    def _ids(self, encoding) -> list[int]:
+        return [self._to_model.get(i, i) for i in encoding.ids]
 
-    def encode(self, pieces: list[str | int]) -> tuple[list[int], list[tuple[int, int]], dict[int, tuple[int, int]]]:
-        """Token ids, their character offsets, and each content's character span (all in the copy's text)."""
-        text, spans = self.text(pieces)
-        encoding = self.backend.encode(text, add_special_tokens=False)
-        return [self._private_ids.get(i, i) for i in encoding.ids], encoding.offsets, spans
+    def encode(self, pieces: list[_Piece], boundaries: list[int]) -> tuple[list[int], list[tuple[int, int]], str]:
+        """Token ids (the model's), their character offsets in the rendered text, and that text.
+        Tokenization starts afresh at each boundary (where a trained turn starts), as at
+        inference, where the prompt is tokenized on its own and the model generates the rest."""
+        text = _text(pieces)
+        cuts = sorted({b for b in boundaries if 0 < b < len(text)})
+        ids, offsets = [], []
+        for start, end in zip([0, *cuts], [*cuts, len(text)]):
+            before, segment = _split_at(_split_at(pieces, end)[0], start)
+            after_special = not before or bool(re.search(f"(?:{self.pattern.pattern})\\Z", _text(before[-1:]))) \
+                and before[-1].index is None
+            segment_ids, segment_offsets = self._encode_segment(self.marked(segment), continuation=start > 0,
+                                                                after_special=after_special)
+            # offsets in the marked text, mapped back to the rendered text (private names are longer)
+            position = _offset_map(segment, self.pattern, self.names)
+            ids.extend(segment_ids)
+            offsets.extend((start + position[a], start + position[b]) for a, b in segment_offsets)
+        return ids, offsets, text
+
+    def _encode_segment(self, marked: str, continuation: bool, after_special: bool = False
+                        ) -> tuple[list[int], list[tuple[int, int]]]:
+        """A continuation segment is tokenized as the tokenizer goes on in one pass: after a
+        special token (a private name put before it), or within ordinary text (no prepended space)."""
+        if not continuation or self._continue is None:
+            encoding = self.backend.encode(marked, add_special_tokens=False)
+            return self._ids(encoding), list(encoding.offsets)
+        # Only the stretch before the segment's first special token goes on from the text before;
+        # after a special token the tokenizer starts afresh, as in one pass.
+        first_special = self._private.search(marked)
+        cut = first_special.start() if first_special else len(marked)
+        shift = len(self._continue)
+        backend = self.backend if after_special else self.backend_within
+        encoding = backend.encode(self._continue + marked[:cut], add_special_tokens=False)
+        pairs = [(i, (a - shift, b - shift)) for i, (a, b) in zip(self._ids(encoding), encoding.offsets) if b > shift]
+        if cut < len(marked):
+            rest = self.backend.encode(marked[cut:], add_special_tokens=False)
+            pairs += [(i, (a + cut, b + cut)) for i, (a, b) in zip(self._ids(rest), rest.offsets)]
+        return [i for i, _ in pairs], [o for _, o in pairs]
+
+    def marked(self, pieces: list[_Piece]) -> str:
+        """The text the copy tokenizes: special-token strings in template text under private names."""
+        return "".join(self.pattern.sub(lambda m: self.names[m.group(0)], p.text) if p.index is None else p.text
+                       for p in pieces)
+
+    def check(self, text: str, what: str = "a row") -> None:
+        """The copy, on `text` with its special tokens as template markers, gives the model's own ids."""
+        ours = self._ids(self.backend.encode(self.pattern.sub(lambda m: self.names[m.group(0)], text),
+                                             add_special_tokens=False))
+        own = self.original.encode(text, add_special_tokens=False).ids
+        if ours != own:
+            first = next((k for k, (a, b) in enumerate(zip(ours, own)) if a != b), min(len(ours), len(own)))
+            raise ValueError(f"curate's token ids for {what} differ from the model tokenizer's own (first at token "
+                             f"{first}: {ours[first:first + 5]} vs {own[first:first + 5]}); refusing to score with "
+                             "ids that are not the model's")
+
+    def _check_at_load(self, tokenizer) -> None:
+        """Every added token, and a sample of control-free text, gets the model's own ids."""
+        contents = [token.content for token in tokenizer.added_tokens_decoder.values()]
+        ours = self.backend.encode_batch([self.pattern.sub(lambda m: self.names[m.group(0)], c) for c in contents],
+                                         add_special_tokens=False)
+        own = self.original.encode_batch(contents, add_special_tokens=False)
+        for content, a, b in zip(contents, ours, own):
+            if self._ids(a) != b.ids:
+                raise ValueError(f"curate's id for the token {content!r} is {self._ids(a)}, the model tokenizer's is "
+                                 f"{b.ids}; refusing to score with ids that are not the model's")
+        sample = ("Hello, world! def f(x):\n    return x ** 2\n\n\t1 234 5678 — naïve café, "
+                  "こんにちは 世界 👋🏽 Привет مرحبا\r\n  trailing   spaces ")
+        self.check(sample, "a sample text")
+        if self._continue is not None:
+            # A segment tokenized after a boundary is the same as in one pass where no token straddles it.
+            for before, after in (("Answer:", " yes"), ("x\n", "def f():\n    pass"), ("Hi", "! 123")):
+                whole = self.backend.encode(before + after, add_special_tokens=False)
+                if any(a < len(before) < b for a, b in whole.offsets):
+                    continue
+                split = self._ids(self.backend.encode(before, add_special_tokens=False)) + \
+                    self._encode_segment(after, continuation=True)[0]
+                special = next(iter(self.names))
+                after_special = self._ids(self.backend.encode(self.names[special] + after, add_special_tokens=False))
+                split_after_special = self._ids(self.backend.encode(self.names[special], add_special_tokens=False)) + \
+                    self._encode_segment(after, continuation=True, after_special=True)[0]
+                if split != self._ids(whole) or split_after_special != after_special:
+                    raise ValueError("curate cannot tokenize an answer from its prompt's end exactly as this "
+                                     "tokenizer does in one pass; refusing to guess ids")
 
 
-def _content_spans(pieces: list[str | int]):
-    """(message index, start, end) of each content in the rendered text."""
-    position, index = 0, None
+def _without_prepend(backend: dict) -> dict:
+    """A tokenizer.json that prepends no space at the start of a text (normaliser `Prepend`,
+    `Metaspace`'s prepend scheme, `ByteLevel`'s prefix space)."""
+    backend = json.loads(json.dumps(backend))
+
+    def strip(component):
+        if not isinstance(component, dict):
+            return component
+        if component.get("type") == "Prepend":
+            return None
+        if component.get("type") == "Metaspace":
+            component["prepend_scheme"] = "never"
+            component.pop("add_prefix_space", None)
+        if component.get("type") == "ByteLevel":
+            component["add_prefix_space"] = False
+        for key in ("normalizers", "pretokenizers"):
+            if isinstance(component.get(key), list):
+                component[key] = [c for c in map(strip, component[key]) if c is not None]
+        return component
+
+    backend["normalizer"] = strip(backend.get("normalizer"))
+    backend["pre_tokenizer"] = strip(backend.get("pre_tokenizer"))
+    return backend
+
+
+def _offset_map(pieces: list[_Piece], pattern: re.Pattern, names: dict[str, str]) -> list[int]:
+    """For each character boundary of the marked text, the boundary in the rendered text."""
+    positions, rendered = [], 0
     for piece in pieces:
-        if isinstance(piece, int):
-            index = piece
-            continue
-        if index is not None:
-            yield index, position, position + len(piece)
-            index = None
-        position += len(piece)
+        cursor = 0
+        matches = pattern.finditer(piece.text) if piece.index is None else ()
+        for match in matches:
+            positions.extend(range(rendered + cursor, rendered + match.start()))
+            positions.extend([rendered + match.start()] * len(names[match.group(0)]))
+            cursor = match.end()
+        positions.extend(range(rendered + cursor, rendered + len(piece.text)))
+        rendered += len(piece.text)
+    positions.append(rendered)
+    return positions
 
 
-def _template_messages(messages: list[dict]) -> list[dict]:
-    """Messages as templates expect them: curate's own keys (weight) removed."""
-    return [{k: v for k, v in m.items() if k != "weight"} for m in messages]
+def _text(pieces: list[_Piece]) -> str:
+    return "".join(p.text for p in pieces)
+
+
+def _split_at(pieces: list[_Piece], position: int) -> tuple[list[_Piece], list[_Piece]]:
+    """The pieces before and after a character position (a piece across it is cut in two)."""
+    before, after, offset = [], [], 0
+    for piece in pieces:
+        end = offset + len(piece.text)
+        if end <= position:
+            before.append(piece)
+        elif offset >= position:
+            after.append(piece)
+        else:
+            cut = position - offset
+            before.append(_Piece(piece.text[:cut], piece.index, piece.kind))
+            after.append(_Piece(piece.text[cut:], piece.index, piece.kind))
+        offset = end
+    return before, after
+
+
+def split_reasoning(message: dict) -> tuple[str | None, str, str]:
+    """(reasoning, answer, the turn as the model writes it) of an assistant message: reasoning
+    from a `reasoning` field, or a `<think>…</think>` block opening the content. Without
+    reasoning: (None, content, content)."""
+    content = message.get("content") or ""
+    if message["role"] != "assistant":
+        return None, content, content
+    if isinstance(message.get("reasoning"), str):
+        reasoning = message["reasoning"]
+        return reasoning, content, f"<think>\n{reasoning.strip(chr(10))}\n</think>\n\n{content.lstrip(chr(10))}"
+    block = _THINK_BLOCK.match(content)
+    if block:
+        return block.group(1).strip("\n"), block.group(2), content
+    closed = _THINK_CLOSE.match(content)
+    if closed and "<think>" not in content:  # the opening marker was the generation prompt's
+        return closed.group(1).strip("\n"), closed.group(2), "<think>\n" + content.lstrip("\n")
+    return None, content, content
+
+
+def _tool_calls(message: dict) -> list:
+    calls = message.get("tool_calls") or []
+    return json.loads(calls) if isinstance(calls, str) else calls
+
+
+def _tools_of(messages: list[dict]) -> list | None:
+    """The row's tool definitions (normalise puts them on a message: the row's `tools` field)."""
+    for message in messages:
+        if message.get("tools"):
+            tools = message["tools"]
+            return json.loads(tools) if isinstance(tools, str) else tools
+    return None
+
+
+def _template_message(message: dict) -> dict:
+    """A message as templates expect it: curate's own keys removed, absent fields left out
+    (templates test `'tool_calls' in message`), tool-call arguments as objects."""
+    out = {k: v for k, v in message.items() if k not in _OWN_KEYS and (v is not None or k == "content")}
+    if "tool_calls" in out:
+        calls = json.loads(out["tool_calls"]) if isinstance(out["tool_calls"], str) else out["tool_calls"]
+        out["tool_calls"] = [_template_call(call) for call in calls]
+    return out
+
+
+def _template_call(call: dict) -> dict:
+    function = dict(call.get("function") or {})
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            function["arguments"] = json.loads(arguments)
+        except json.JSONDecodeError:
+            pass
+    return {**call, "type": call.get("type") or "function", "function": function}
 
 
 def apply_system_prompt(row: int, messages: list[dict], policy: str) -> list[dict]:
