@@ -45,6 +45,12 @@ train_turns_option = click.option(
     "--train-turns", type=click.Choice(["all", "last"]), default="all", show_default=True,
     help="Which assistant turns are targets; the others stay context. A message's `weight: 0` also keeps it out.")
 
+reasoning_option = click.option(
+    "--reasoning", type=click.Choice(["keep", "drop"]), default="keep", show_default=True,
+    help="Reasoning traces (`<think>…</think>` opening an answer, or a `reasoning_content`/`thinking` field): keep: "
+         "trained with the answer, as the model writes them after its generation prompt; drop: answers only (an "
+         "empty think block, where the template opens one, is context). Recorded in the manifest.")
+
 
 def engine_options(ray: bool = False):
     """The engine's options (backend, dtype, GPU settings; with `ray`, the Ray ones too), handed to
@@ -151,6 +157,7 @@ def models(prepare: bool) -> None:
 @click.option("--truncate", is_flag=True, help="Keep the first --max-length tokens of over-long examples (marked `truncated`).")
 @system_prompt_option
 @train_turns_option
+@reasoning_option
 @click.option("--prompt-field", default=None, help="Column holding the prompt (with --response-field), instead of shape detection.")
 @click.option("--response-field", default=None, help="Column holding the response.")
 @click.option("--reference-field", default="reference", show_default=True, help="Column holding the checkable reference answer.")
@@ -161,7 +168,7 @@ def models(prepare: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in the output directory.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary table.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def score(input_path, output, model, engine_choice, max_length, truncate, system_prompt, train_turns, prompt_field,
+def score(input_path, output, model, engine_choice, max_length, truncate, system_prompt, train_turns, reasoning, prompt_field,
           response_field, reference_field, shard_rows, limit, resume, overwrite, quiet, as_json) -> None:
     """Annotate every token of INPUT with its log-probability under the model.
 
@@ -183,7 +190,7 @@ def score(input_path, output, model, engine_choice, max_length, truncate, system
     try:
         with _errors_as_usage(), _stdout_to_stderr():
             chat_tokenizer = ChatTokenizer(load_tokenizer(model_dir), max_length=max_length, truncate=truncate,
-                                           system_prompt=system_prompt, train_turns=train_turns)
+                                           system_prompt=system_prompt, train_turns=train_turns, reasoning=reasoning)
             with _engine(engine_choice, model_dir) as engine, _progress(_rows(input_path, limit), quiet) as on_progress:
                 summary = score_dataset(input_path, output, engine, chat_tokenizer, model_name=str(model or model_dir),
                                         model_dir=model_dir, fields=fields, shard_rows=shard_rows, limit=limit, resume=resume,
@@ -437,12 +444,13 @@ def _scored_tokenizer(scored: Path, model: str | None, purpose: str, check_model
 @click.option("--limit", type=click.IntRange(min=1), default=3, show_default=True, help="How many rows to show, from the first.")
 @system_prompt_option
 @train_turns_option
+@reasoning_option
 @click.option("--max-length", type=click.IntRange(min=2), default=4096, show_default=True)
 @click.option("--prompt-field", default=None, help="Column holding the prompt (with --response-field).")
 @click.option("--response-field", default=None, help="Column holding the response.")
 @click.option("--color/--no-color", default=None, help="Force colour on or off [default: colour on a terminal].")
 @click.option("--json", "as_json", is_flag=True, help="Print the tokens as JSON, for scripts.")
-def preview(input_path, model, limit, system_prompt, train_turns, max_length, prompt_field, response_field, color, as_json):
+def preview(input_path, model, limit, system_prompt, train_turns, reasoning, max_length, prompt_field, response_field, color, as_json):
     """Show how the first rows of INPUT render with the model's chat template, the trained
     tokens marked and the end-of-turn token named: the tokenizer only, nothing is scored."""
     import json
@@ -459,7 +467,7 @@ def preview(input_path, model, limit, system_prompt, train_turns, max_length, pr
     with _errors_as_usage():
         tokenizer_dir = Path(model) if model and Path(model).is_dir() else resolve_model(model)  # no weights needed
         chat_tokenizer = ChatTokenizer(load_tokenizer(tokenizer_dir), max_length=max_length,
-                                       system_prompt=system_prompt, train_turns=train_turns)
+                                       system_prompt=system_prompt, train_turns=train_turns, reasoning=reasoning)
         items = build_preview(input_path, chat_tokenizer, Fields(prompt=prompt_field, response=response_field), limit)
     if as_json:
         click.echo(json.dumps({"end_of_turn": chat_tokenizer.options()["end_of_turn"], "rows": items}, ensure_ascii=False, indent=1))
