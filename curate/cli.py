@@ -6,7 +6,7 @@ import functools
 import os
 import sys
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import click
@@ -14,7 +14,41 @@ import click
 from curate import __version__
 
 
-@click.group()
+# Commands whose runs are committed shard by shard, so an interrupted one finishes with --resume.
+_RESUMABLE = ("score", "generate")
+
+
+class _CurateGroup(click.Group):
+    """Expected failures as one line (the library's errors name the file, row or shard and what to
+    do), Ctrl-C as exit 130 with the way to resume; tracebacks are left for bugs."""
+
+    def invoke(self, ctx):
+        import errno
+
+        from curate.errors import CurateError
+
+        command = ctx.protected_args[0] if ctx.protected_args else ""
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            hint = ("; the shards committed so far are kept: run the same command with --resume to finish"
+                    if command in _RESUMABLE else "")
+            click.echo(f"Interrupted{hint}.", err=True)
+            sys.exit(130)
+        except CurateError as error:
+            raise click.ClickException(str(error)) from None
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                hint = ("free some space, then run the same command with --resume (committed shards are kept)"
+                        if command in _RESUMABLE else "free some space and run it again (no output was replaced)")
+                raise click.ClickException(f"no room to write {error.filename or 'the output'} ({error.strerror}): "
+                                           f"{hint}") from None
+            if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.EISDIR, errno.ENOTDIR):
+                raise click.ClickException(f"{error.filename or ''}: {error.strerror}".lstrip(": ")) from None
+            raise
+
+
+@click.group(cls=_CurateGroup)
 @click.version_option(__version__, prog_name="curate")
 def main() -> None:
     """Curate fine-tuning data by per-token perplexity under the model you will fine-tune.
@@ -129,6 +163,49 @@ def _replicas(context, parameter, value: str | None) -> tuple[int, int] | None:
 limit_option = click.option("--limit", type=click.IntRange(min=1), default=None,
                             help="Only the first N input rows (to try a command; recorded, so --resume keeps it).")
 
+split_option = click.option("--split", default=None,
+                            help="Which split of a directory input holding several (a DatasetDict saved to disk, "
+                                 "a folder of train-*/test-* Parquet shards) to read.")
+
+allow_empty_option = click.option("--allow-empty", is_flag=True,
+                                  help="Exit 0 even when no row could be used (every row rejected) [default: exit 1].")
+
+verify_shards_option = click.option("--verify-shards", is_flag=True,
+                                    help="Check every shard's sha256 against the manifest before reading "
+                                         "[default: its size, row count and identity only].")
+
+
+def _run_flags(output: Path, resume: bool, overwrite: bool) -> None:
+    """Conflicting flags are a usage error; an output the run would refuse is refused now, before
+    the engine loads."""
+    from curate.store import check_output_dir
+
+    if resume and overwrite:
+        raise click.UsageError("--resume and --overwrite contradict each other: give one")
+    check_output_dir(output, resume, overwrite)
+
+
+def _max_length(model_dir: Path, max_length: int) -> int:
+    """--max-length, checked against the model's context: an explicit value beyond it is refused,
+    the default is lowered to it."""
+    from curate.models import model_context
+
+    context = model_context(model_dir)
+    if context is None or max_length <= context:
+        return max_length
+    source = click.get_current_context().get_parameter_source("max_length")
+    if source == click.core.ParameterSource.DEFAULT:
+        return context
+    raise click.BadParameter(f"{max_length} tokens is more than the model's context of {context} positions "
+                             f"({model_dir}/config.json); give at most {context}", param_hint="--max-length")
+
+
+def _refuse_empty(summary, allow_empty: bool, output: Path) -> None:
+    used = summary.rows_scored if hasattr(summary, "rows_scored") else summary.prompts
+    if used == 0 and not allow_empty:
+        raise click.ClickException(f"no row of the input could be used: all {summary.rows_in:,} were rejected; "
+                                   f"the reasons are in {output}/rejects.jsonl (--allow-empty: exit 0 anyway)")
+
 
 allow_other_model_option = click.option(
     "--allow-other-model", is_flag=True,
@@ -164,12 +241,14 @@ def models(prepare: bool) -> None:
 @click.option("--shard-rows", type=click.IntRange(min=1), default=512, show_default=True,
               help="Input rows per Parquet shard (the unit of --resume and of work on Ray).")
 @limit_option
+@split_option
 @click.option("--resume", is_flag=True, help="Finish an interrupted run, keeping its completed shards.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in the output directory.")
+@allow_empty_option
 @click.option("--quiet", is_flag=True, help="No progress bar or summary table.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def score(input_path, output, model, engine_choice, max_length, truncate, system_prompt, train_turns, reasoning, prompt_field,
-          response_field, reference_field, shard_rows, limit, resume, overwrite, quiet, as_json) -> None:
+          response_field, reference_field, shard_rows, limit, split, resume, overwrite, allow_empty, quiet, as_json) -> None:
     """Annotate every token of INPUT with its log-probability under the model.
 
     INPUT: .jsonl, .json, .parquet, .csv, or a `datasets` save_to_disk directory, with
@@ -185,19 +264,23 @@ def score(input_path, output, model, engine_choice, max_length, truncate, system
 
     if bool(prompt_field) != bool(response_field):
         raise click.UsageError("--prompt-field and --response-field go together")
-    fields = Fields(prompt=prompt_field, response=response_field, reference=reference_field)
+    _run_flags(output, resume, overwrite)
+    fields = Fields(prompt=prompt_field, response=response_field, reference=reference_field, split=split)
     model_dir = resolve_model(model)
+    max_length = _max_length(model_dir, max_length)
+    engine_choice = (engine_choice[0], replace(engine_choice[1], max_model_len=max_length), engine_choice[2])
     try:
         with _errors_as_usage(), _stdout_to_stderr():
             chat_tokenizer = ChatTokenizer(load_tokenizer(model_dir), max_length=max_length, truncate=truncate,
                                            system_prompt=system_prompt, train_turns=train_turns, reasoning=reasoning)
-            with _engine(engine_choice, model_dir) as engine, _progress(_rows(input_path, limit), quiet) as on_progress:
+            with _engine(engine_choice, model_dir) as engine, _progress(_rows(input_path, limit, split), quiet) as on_progress:
                 summary = score_dataset(input_path, output, engine, chat_tokenizer, model_name=str(model or model_dir),
                                         model_dir=model_dir, fields=fields, shard_rows=shard_rows, limit=limit, resume=resume,
                                         overwrite=overwrite, on_progress=on_progress)
     except (StoreError, ShardsFailed) as error:
         raise click.ClickException(str(error)) from None
     _report(summary, quiet, as_json, title="curate score")
+    _refuse_empty(summary, allow_empty, output)
 
 
 @main.command()
@@ -230,10 +313,11 @@ def score(input_path, output, model, engine_choice, max_length, truncate, system
 @click.option("--model", default=None, metavar="DIR",
               help="The model you will fine-tune; it must be the one the set was scored with [default: the manifest's].")
 @allow_other_model_option
+@verify_shards_option
 @click.option("--quiet", is_flag=True, help="No summary table.")
 @click.option("--json", "as_json", is_flag=True, help="Print the stats as JSON.")
 def export(scored, output, mode, on_wrong, ground_truth, keep_unfinished, threshold, mask_ratio, per_sample_ratio, seed, max_ppl, max_length, no_id,
-           model, allow_other_model, quiet, as_json):
+           model, allow_other_model, verify_shards, quiet, as_json):
     """Turn a scored directory into a training set Axolotl trains on as it is.
 
     Masked tokens get label -100. The end-of-turn token always stays trained. Dropped
@@ -242,6 +326,7 @@ def export(scored, output, mode, on_wrong, ground_truth, keep_unfinished, thresh
     from curate.export import ExportOptions, export as run_export
     from curate.store import StoreError
 
+    _verify_shards(verify_shards)
     try:
         options = ExportOptions(mode=mode, threshold=threshold, mask_ratio=mask_ratio, per_sample_ratio=per_sample_ratio,
                                 max_ppl=max_ppl, max_length=max_length, with_id=not no_id,
@@ -261,8 +346,9 @@ def export(scored, output, mode, on_wrong, ground_truth, keep_unfinished, thresh
 
 @main.command()
 @click.argument("scored", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@verify_shards_option
 @click.option("--json", "as_json", is_flag=True, help="Print the stats as JSON.")
-def stats(scored, as_json):
+def stats(scored, verify_shards, as_json):
     """Perplexity distribution of a scored set, and what each threshold τ would mask.
 
     With several SCORED directories (say, the ground truth and the model's own answers),
@@ -273,6 +359,7 @@ def stats(scored, as_json):
     from curate.stats import scored_stats
     from curate.store import StoreError
 
+    _verify_shards(verify_shards)
     try:
         results = [scored_stats(directory) for directory in scored]
     except StoreError as error:
@@ -332,12 +419,15 @@ def _echo_comparison(directories, results) -> None:
 @click.option("--reference-field", default="reference", show_default=True)
 @click.option("--shard-rows", type=click.IntRange(min=1), default=128, show_default=True)
 @limit_option
+@split_option
 @click.option("--resume", is_flag=True, help="Finish an interrupted run.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run.")
+@allow_empty_option
 @click.option("--quiet", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 def generate(input_path, output, model, engine_choice, checker, verify_workers, unsafe_verify, n, temperature, top_p, max_new_tokens,
-             seed, rephrase, max_length, system_prompt, reference_field, shard_rows, limit, resume, overwrite, quiet, as_json):
+             seed, rephrase, max_length, system_prompt, reference_field, shard_rows, limit, split, resume, overwrite, allow_empty,
+             quiet, as_json):
     """The model's own answers to INPUT's prompts (self-output), checked against the reference."""
     from curate.data import Fields
     from curate.engines.base import SamplingOptions
@@ -348,7 +438,10 @@ def generate(input_path, output, model, engine_choice, checker, verify_workers, 
     from curate.store import StoreError
     from curate.tokenize import ChatTokenizer
 
+    _run_flags(output, resume, overwrite)
     model_dir = resolve_model(model)
+    max_length = _max_length(model_dir, max_length)
+    engine_choice = (engine_choice[0], replace(engine_choice[1], max_model_len=max_length), engine_choice[2])
     try:
         chat_tokenizer = ChatTokenizer(load_tokenizer(model_dir), max_length=max_length, system_prompt=system_prompt)
     except ValueError as error:
@@ -356,14 +449,15 @@ def generate(input_path, output, model, engine_choice, checker, verify_workers, 
     sampling = SamplingOptions(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
     try:
         with _errors_as_usage(), _stdout_to_stderr():
-            with _engine(engine_choice, model_dir) as engine, _progress(_rows(input_path, limit), quiet) as on_progress:
+            with _engine(engine_choice, model_dir) as engine, _progress(_rows(input_path, limit, split), quiet) as on_progress:
                 summary = generate_dataset(input_path, output, engine, chat_tokenizer, sampling, checker=checker,
-                                           rephrase=rephrase, fields=Fields(reference=reference_field), shard_rows=shard_rows,
+                                           rephrase=rephrase, fields=Fields(reference=reference_field, split=split), shard_rows=shard_rows,
                                            limit=limit, resume=resume, overwrite=overwrite, on_progress=on_progress,
                                            verify_workers=verify_workers, unsafe_verify=unsafe_verify)
     except (StoreError, SandboxUnavailable, ShardsFailed) as error:
         raise click.ClickException(str(error)) from None
     _report(summary, quiet, as_json, title="curate generate")
+    _refuse_empty(summary, allow_empty, output)
 
 
 @main.command()
@@ -667,10 +761,16 @@ def _engine(engine_choice, model_dir):
         engines.close()
 
 
-def _rows(input_path: Path, limit: int | None) -> int | None:
+def _verify_shards(full: bool) -> None:
+    """--verify-shards: every reader of a scored set in this process checks shards by sha256."""
+    if full:
+        os.environ["CURATE_VERIFY_SHARDS"] = "1"
+
+
+def _rows(input_path: Path, limit: int | None, split: str | None = None) -> int | None:
     from curate.data import count_rows
 
-    total = count_rows(input_path)
+    total = count_rows(input_path) if split is None else None
     return min(total, limit) if total is not None and limit else total or limit
 
 

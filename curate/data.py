@@ -132,6 +132,10 @@ def _open_bytes(path: Path):
     codec = _COMPRESSION.get(path.suffix.lower())
     if codec is None:
         return open(path, "rb")
+    if codec == "gzip":  # Python's own: pyarrow's gzip stream ends quietly where a file was cut short
+        import gzip
+
+        return gzip.open(path, "rb")
     import pyarrow as pa
 
     return io.BufferedReader(pa.input_stream(str(path), compression=codec))

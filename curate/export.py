@@ -117,6 +117,7 @@ def export(scored_dir: Path, output: Path, options: ExportOptions, tokenizer) ->
     """Write the training set for `options` to `output` (.parquet or .jsonl)."""
     scored_dir, output = Path(scored_dir), Path(output)
     manifest, shards = open_scored(scored_dir)
+    refuse_overwriting_inputs(output, [scored_dir, options.ground_truth])
     fingerprint = tokenizer_fingerprint(tokenizer)
     require_tokenizer(scored_dir, manifest, fingerprint, "export")
     stats = ExportStats(mode=options.mode, output=str(output), tokenizer=fingerprint,
@@ -155,12 +156,34 @@ def export(scored_dir: Path, output: Path, options: ExportOptions, tokenizer) ->
             fallbacks = _write_ground_truth(options.ground_truth, choice, fingerprint, options, writer, totals)
             stats.ground_truth_fallbacks = fallbacks
             stats.prompts_dropped = len(choice.unanswered) - fallbacks
-    totals.fill(stats)
-    stats.dropped = writer.dropped_counts
-    if options.mode == "stm" and stats.masked_ratio > SHORT_ANSWER_SHARE:
-        stats.warnings.append(short_answer_warning(stats.masked_ratio))
-    stats_path(output).write_text(stats.to_json() + "\n")
+        totals.fill(stats)
+        stats.dropped = writer.dropped_counts
+        if options.mode == "stm" and stats.masked_ratio > SHORT_ANSWER_SHARE:
+            stats.warnings.append(short_answer_warning(stats.masked_ratio))
+        writer.publish(stats.to_json() + "\n")
     return stats
+
+
+def refuse_overwriting_inputs(output: Path, scored_dirs: list[Path | None]) -> None:
+    """The training file and its sidecars never land on, in or around what they are made from: the
+    scored directories, the inputs their runs recorded, and (for answers) what was answered."""
+    from curate.store import read_manifest, refuse_overlap
+
+    inputs, pending = [], [Path(d) for d in scored_dirs if d is not None]
+    while pending:  # a scored set's input may itself be a run (generated answers) with its own input
+        directory = pending.pop()
+        inputs.append(directory)
+        try:
+            source = Path(read_manifest(directory).meta["input"]["path"])
+        except (StoreError, KeyError, OSError, ValueError):
+            continue
+        if source.is_dir() and source not in inputs:
+            pending.append(source)
+        else:
+            inputs.append(source)
+    for written in _TrainingWriter.paths(output):
+        for source in inputs:
+            refuse_overlap(source, written)
 
 
 def short_answer_warning(masked_ratio: float) -> str:
@@ -396,22 +419,31 @@ def _all_maskable_nll(shards: list[Path]) -> np.ndarray:
 
 
 class _TrainingWriter:
-    """Streams training rows to .parquet or .jsonl under a temporary name, renamed when done."""
+    """Streams training rows to .parquet or .jsonl, and the dropped rows beside them, all under
+    temporary names; `publish` renames the set into place, so a killed export leaves the
+    previous set whole."""
 
     def __init__(self, output: Path, with_id: bool):
         suffix = output.suffix.lower()
         if suffix not in (".parquet", ".jsonl"):
             raise ValueError(f"{output}: the training file must end in .parquet or .jsonl")
         self.output, self.with_id, self.suffix = output, with_id, suffix
-        self.partial = output.with_name(output.name + ".partial")
+        self.final = self.paths(output)
+        self.partials = [path.with_name(path.name + ".partial") for path in self.final]
+        self.partial = self.partials[0]
         self.dropped_counts: dict[str, int] = {}
+
+    @staticmethod
+    def paths(output: Path) -> list[Path]:
+        """The files an export writes: the training file, then its dropped rows and its stats."""
+        return [output, dropped_path(output), stats_path(output)]
 
     def __enter__(self):
         self.output.parent.mkdir(parents=True, exist_ok=True)
         schema = TRAIN_SCHEMA if self.with_id else TRAIN_SCHEMA.remove(0)
         self.parquet = pq.ParquetWriter(self.partial, schema, compression="zstd") if self.suffix == ".parquet" else None
         self.jsonl = open(self.partial, "w") if self.suffix == ".jsonl" else None
-        self.dropped = open(dropped_path(self.output), "w")
+        self.dropped = open(self.partials[1], "w")
         return self
 
     def write(self, table: pa.Table) -> None:
@@ -435,10 +467,29 @@ class _TrainingWriter:
             self.dropped_counts[code] = self.dropped_counts.get(code, 0) + 1
 
     def __exit__(self, kind, error, trace):
+        self._close()
+        if error is not None:
+            self.discard()
+
+    def _close(self) -> None:
         for handle in (self.parquet, self.jsonl, self.dropped):
             if handle is not None:
                 handle.close()
-        if error is None:
-            os.replace(self.partial, self.output)
-        else:
-            self.partial.unlink(missing_ok=True)
+
+    def publish(self, stats_json: str) -> None:
+        """Sync the three files and rename them into place, the training file last."""
+        try:
+            self._close()
+            self.partials[2].write_text(stats_json)
+            for partial in self.partials:
+                with open(partial, "rb") as handle:
+                    os.fsync(handle.fileno())
+            for partial, final in reversed(list(zip(self.partials, self.final))):
+                os.replace(partial, final)
+        except BaseException:
+            self.discard()
+            raise
+
+    def discard(self) -> None:
+        for partial in self.partials:
+            partial.unlink(missing_ok=True)

@@ -188,22 +188,13 @@ class ShardWriter:
 
     def _open(self, meta: dict, resume: bool, overwrite: bool) -> Manifest:
         """The manifest this run continues (resume) or starts, after refusing every unsafe case."""
-        foreign = foreign_files(self.directory)
-        if foreign:
-            shown = ", ".join(sorted(foreign)[:5]) + (", ..." if len(foreign) > 5 else "")
-            raise StoreError(f"{self.directory} holds files that curate did not write ({shown}); curate never deletes "
-                             "or mixes into them, whatever the flags: choose an empty or new output directory")
-        existing = self.directory / MANIFEST
-        if existing.exists() and resume:
+        _refuse_unsafe_start(self.directory, resume, overwrite)
+        if resume:
             manifest = read_manifest(self.directory)
             _check_same_run(self.directory, manifest.meta, meta)
             verify_shards(self.directory, manifest, full=True)
             self._discard_unrecorded(manifest)
             return manifest
-        if existing.exists() and not overwrite:
-            raise StoreError(f"{self.directory} already holds a run; pass --resume to finish it or --overwrite to start again")
-        if resume:
-            raise StoreError(f"{self.directory}: nothing to resume (no {MANIFEST}); run the command without --resume")
         for ours in self.directory.iterdir():  # --overwrite: only what a curate run wrote here
             if ours.name != LOCK and ours.is_file():
                 ours.unlink()
@@ -268,6 +259,32 @@ class ShardWriter:
         with open(rejects, "ab") as handle:
             handle.truncate(manifest.rejects_bytes)
         manifest.complete = False
+
+
+def check_output_dir(directory: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse, before an engine is loaded, an output directory that the run would refuse later:
+    one in use, holding someone else's files, or holding a run without --resume/--overwrite."""
+    directory = Path(directory)
+    if resume and overwrite:
+        raise StoreError("--resume and --overwrite contradict each other: give one")
+    if directory.is_dir():
+        _take_lock(directory).close()
+        _refuse_unsafe_start(directory, resume, overwrite)
+    elif resume:
+        raise StoreError(f"{directory}: nothing to resume (no such directory); run the command without --resume")
+
+
+def _refuse_unsafe_start(directory: Path, resume: bool, overwrite: bool) -> None:
+    foreign = foreign_files(directory)
+    if foreign:
+        shown = ", ".join(sorted(foreign)[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise StoreError(f"{directory} holds files that curate did not write ({shown}); curate never deletes "
+                         "or mixes into them, whatever the flags: choose an empty or new output directory")
+    existing = (directory / MANIFEST).exists()
+    if existing and not (resume or overwrite):
+        raise StoreError(f"{directory} already holds a run; pass --resume to finish it or --overwrite to start again")
+    if resume and not existing:
+        raise StoreError(f"{directory}: nothing to resume (no {MANIFEST}); run the command without --resume")
 
 
 def _take_lock(directory: Path):
