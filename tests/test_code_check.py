@@ -3,6 +3,11 @@ pass do not verify, and right answers that an in-process harness failed do verif
 
 import json
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -233,3 +238,27 @@ def test_generate_counts_the_verdicts_checked_in_one_process(tmp_path):
     writer = SimpleNamespace(manifest=SimpleNamespace(shards=[{"file": "part-0.parquet", "n_rejects": 0}], rows_read=3))
     summary = _summarise(tmp_path, writer, 1.0, "hf")
     assert (summary.verified, summary.wrong, summary.one_process) == (2, 1, 1)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv") or not Path("/usr/bin/python3").exists(),
+                    reason="needs root (to become nobody), setpriv and a system Python")
+def test_as_an_unprivileged_user_the_check_holds_too():
+    """bubblewrap run by a non-root user: a user namespace, no uid change, so the tests' process
+    is kept from the answer's by PR_SET_DUMPABLE alone."""
+    with tempfile.TemporaryDirectory() as copy:
+        os.chmod(copy, 0o755)
+        (Path(copy) / "curate").mkdir(mode=0o755)
+        (Path(copy) / "curate" / "__init__.py").touch()
+        for module in ("sandbox.py", "verify.py", "code_check.py"):
+            shutil.copy(Path(__file__).parents[1] / "curate" / module, Path(copy) / "curate" / module)
+        script = f"""
+import sys
+sys.path.insert(0, {copy!r})
+from curate.verify import check_code
+reach = "import os\\ntry:\\n    open(f'/proc/{{os.getppid()}}/fd/3', 'w').write('1 0 forged')\\nexcept OSError:\\n    pass\\n"
+for answer in ({RIGHT!r}, {WRONG!r} + reach, {WRONG + FORGE!r} + "forge()\\nos._exit(0)"):
+    print(check_code(answer, {TESTS!r}).verified)
+"""
+        result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c",
+                                 script], capture_output=True, text=True, timeout=60, cwd=copy)
+    assert result.stdout.split() == ["True", "False", "False"], result.stderr
