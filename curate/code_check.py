@@ -14,6 +14,8 @@ and result crossing as plain data (marshal, which refuses any other object, and 
 arrival), so an always-equal object or patched builtins never reach the tests; a Counter comes
 back a dict, a namedtuple a tuple, and a list the function changed in place comes back changed.
 Stdlib modules and functions the answer imported are imported afresh; its plain values copied.
+The answer's names never replace the row's test imports, nor a builtin (its own `abs` must not
+decide `assert abs(f(x) - y) < 1e-9`), except the function under test (MBPP 126 tests a `sum`).
 
 Two kinds of row cannot run that way: setup code that uses the answer's classes or objects (MBPP
 builds problem 367's trees with the answer's `class Node`), and tests that pass an argument that is
@@ -399,7 +401,7 @@ def _in_two_processes(payload: dict) -> tuple | None:
         _run_sources(namespace, ("<test_imports>", payload["imports"]))
         used = _names_in(setup) | _names_in(tests)
         for name, kind, value in detail:
-            if name in used:
+            if name in used and name not in namespace and (name == payload["tested"] or not hasattr(builtins, name)):
                 namespace[name] = _stand_in(answer, name, kind, value)
         exec(setup, namespace)
         _phase[0] = "tests"

@@ -8,6 +8,8 @@ and the reference's unit tests in a bubblewrap sandbox (`curate.sandbox`), in tw
 
 from __future__ import annotations
 
+import ast
+import builtins
 import json
 import os
 import re
@@ -214,6 +216,22 @@ def code_tests(reference: str, extra: dict | None = None) -> str | None:
     return reference if _ASSERT_LINE.search(reference) else None
 
 
+def tested_function(tests: str, extra: dict | None = None) -> str | None:
+    """The name of the function under test: HumanEval's `entry_point`, else the first function the
+    tests call that is not a builtin, else the first they call (MBPP 126 tests a `sum`). Only this
+    name may stand for a builtin in the tests: an answer's own `abs` must not decide
+    `assert abs(f(x) - y) < 1e-9`."""
+    entry_point = (extra or {}).get("entry_point")
+    if isinstance(entry_point, str) and entry_point.isidentifier():
+        return entry_point
+    try:
+        tree = ast.parse(tests)
+    except SyntaxError:
+        return None
+    called = [node.func.id for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)]
+    return next((name for name in called if not hasattr(builtins, name)), called[0] if called else None)
+
+
 def test_imports(extra: dict | None) -> str:
     """MBPP's `test_imports`: they run before the answer, which may rely on them."""
     imports = (extra or {}).get("test_imports") or []
@@ -244,7 +262,8 @@ def check_code(answer: str, reference: str, extra: dict | None = None, *, unsafe
         why = "no entry_point for its check(candidate)" if _HUMANEVAL_CHECK.search(reference) else "no unit tests"
         return Verdict(None, f"reference has {why} (assert lines, a JSON list of asserts, or HumanEval's "
                              "def check(candidate) with an entry_point)")
-    payload = {"imports": test_imports(extra), "answer": extract_code(answer), "setup": setup_code(extra), "tests": tests}
+    payload = {"imports": test_imports(extra), "answer": extract_code(answer), "setup": setup_code(extra), "tests": tests,
+               "tested": tested_function(tests, extra)}
     result = run_python(f"{_CHECK_PROGRAM}\nrun_check({payload!r})\n", timeout_s, unsafe=unsafe, limits=CODE_LIMITS)
     if result.timed_out:
         return Verdict(False, f"timed out after {timeout_s:g} s")

@@ -129,10 +129,12 @@ def add(a, b):
         # nor can patched builtins reach the tests' process
         ("import builtins\nbuiltins.abs = lambda x: 0\nbuiltins.AssertionError = type('Quiet', (Exception,), {})\n" + WRONG,
          "AssertionError"),
+        # nor does an answer's own builtin (its abs) decide the tests
+        ("def abs(x):\n    return 0\n" + WRONG, "AssertionError"),
         # a function made a class is not checked in one process (where a verdict can be forged)
         ("class add:\n    def __new__(cls, a, b):\n        return cls\n", "the tests use the answer's add"),
     ],
-    ids=["always-equal", "patched-builtins", "class-for-a-function"],
+    ids=["always-equal", "patched-builtins", "shadowed-builtin", "class-for-a-function"],
 )
 def test_objects_and_patches_do_not_cross_to_the_tests(answer, why):
     verdict = check(answer, TESTS + "\nassert abs(add(2, 2) - 4) < 1e-9")
@@ -169,6 +171,13 @@ def test_objects_and_patches_do_not_cross_to_the_tests(answer, why):
 def test_right_answers_verify(answer):
     verdict = check(answer)
     assert verdict.verified is True and not verdict.one_process, verdict
+
+
+def test_the_function_under_test_may_have_a_builtins_name():
+    """MBPP 126 asks for a `sum` of common divisors."""
+    answer = "import builtins\ndef sum(a, b):\n    return builtins.sum(i for i in range(1, min(a, b)) if a % i == 0 and b % i == 0)"
+    assert check(answer, "assert sum(10, 15) == 6\nassert sum(4, 6) == 3").verified is True
+    assert check(answer.replace("== 0 and", "== 0 or"), "assert sum(10, 15) == 6").verified is False
 
 
 def test_results_cross_as_plain_data_and_in_place_changes_come_back():
