@@ -372,17 +372,20 @@ def _stdlib(name: str):
 
 
 def _stand_in(answer: _Answer, name: str, kind: str, detail):
+    """What the tests see for one of the answer's names. A stdlib module or function is imported
+    here only under its own name (`import math`, `from math import sqrt`): the answer names it,
+    and an alias could pick any stdlib object, one whose `==` is always true among them."""
     try:
-        if kind == "module":
+        if kind == "module" and detail == name:
             return _stdlib(detail)
-        if kind == "import":
+        if kind == "import" and detail[1].rpartition(".")[2] == name:
             value = _stdlib(detail[0])
             for part in detail[1].split("."):
                 value = getattr(value, part)
             return value
         if kind == "value":
             return _checked(detail)
-    except (ImportError, AttributeError, _NotPlain, RecursionError):
+    except (ImportError, AttributeError, TypeError, _NotPlain, RecursionError):
         pass
     if kind in ("function", "import"):
         return _AnswerFunction(answer, name)
@@ -401,7 +404,8 @@ def _in_two_processes(payload: dict) -> tuple | None:
         _run_sources(namespace, ("<test_imports>", payload["imports"]))
         used = _names_in(setup) | _names_in(tests)
         for name, kind, value in detail:
-            if name in used and name not in namespace and (name == payload["tested"] or not hasattr(builtins, name)):
+            if name in used and name not in namespace and not name.startswith("__") and \
+                    (name == payload["tested"] or not hasattr(builtins, name)):
                 namespace[name] = _stand_in(answer, name, kind, value)
         exec(setup, namespace)
         _phase[0] = "tests"

@@ -173,6 +173,12 @@ def test_right_answers_verify(answer):
     assert verdict.verified is True and not verdict.one_process, verdict
 
 
+def test_a_stdlib_class_under_another_name_runs_in_the_answers_process():
+    """Imported afresh in the tests' process, unittest.mock's _ANY() would equal anything."""
+    verdict = check("from unittest.mock import _ANY as answer", "assert answer() == 42")
+    assert verdict.verified is False and "not plain data" in verdict.reason, verdict
+
+
 def test_the_function_under_test_may_have_a_builtins_name():
     """MBPP 126 asks for a `sum` of common divisors."""
     answer = "import builtins\ndef sum(a, b):\n    return builtins.sum(i for i in range(1, min(a, b)) if a % i == 0 and b % i == 0)"
