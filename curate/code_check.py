@@ -323,9 +323,10 @@ class _Answer:
 
 
 def _exception(name: str, message: str) -> Exception:
-    """A builtin exception type crosses as itself (a test may expect a ValueError); any other as AnswerError."""
+    """A builtin exception type crosses as itself (a test may expect a ValueError); any other as
+    AnswerError. StopIteration too: raised inside map() or next() it would end the tests' loop."""
     kind = getattr(builtins, name, None)
-    if isinstance(kind, type) and issubclass(kind, Exception):
+    if isinstance(kind, type) and issubclass(kind, Exception) and not issubclass(kind, (StopIteration, StopAsyncIteration)):
         try:
             return kind(message)
         except Exception:

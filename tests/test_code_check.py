@@ -173,6 +173,12 @@ def test_right_answers_verify(answer):
     assert verdict.verified is True and not verdict.one_process, verdict
 
 
+def test_a_stop_iteration_from_the_answer_does_not_end_the_tests_loop():
+    tests = "assert all(map(lambda case: add(*case) == sum(case), [(2, 3), (-1, 1)]))"
+    verdict = check("def add(a, b):\n    raise StopIteration", tests)
+    assert verdict.verified is False and "StopIteration" in verdict.reason, verdict
+
+
 def test_a_stdlib_class_under_another_name_runs_in_the_answers_process():
     """Imported afresh in the tests' process, unittest.mock's _ANY() would equal anything."""
     verdict = check("from unittest.mock import _ANY as answer", "assert answer() == 42")
