@@ -411,6 +411,7 @@ def _run(argv: list[str], program: str, timeout_s: float, limits: Limits, sandbo
          uid: int = -1) -> SandboxResult:
     """Start `argv`, feed it `program` on stdin, and wait; outputs go to files, never into memory.
     Unsandboxed, `uid` is the uid the harness drops to (-1: none)."""
+    seccomp = seccomp_filter() if sandboxed else b""
     with tempfile.TemporaryDirectory(prefix="curate-sandbox-") as workdir, _check_cgroup(limits) as cgroups:
         stdout_path, stderr_path = Path(workdir, "stdout"), Path(workdir, "stderr")
         scratch = Path(workdir, "scratch")
@@ -423,7 +424,7 @@ def _run(argv: list[str], program: str, timeout_s: float, limits: Limits, sandbo
         passed = [result_write]
         argv = [*argv[:-1], str(result_write)]  # the harness's last argument: where fd 3 comes from
         if sandboxed:
-            os.write(seccomp_write, seccomp_filter())
+            os.write(seccomp_write, seccomp)
             argv = [argv[0], "--info-fd", str(info_write), "--seccomp", str(seccomp_read), *argv[1:]]
             passed += [info_write, seccomp_read]
         os.close(seccomp_write)
