@@ -243,9 +243,10 @@ def seccomp_filter() -> bytes:
 
 @functools.cache
 def _cgroup_parents() -> tuple[str, tuple[Path, ...]] | None:
-    """Where this process may make a cgroup per check: ("v2", (its cgroup,)) where that one hands
-    memory and pids down to children, else ("v1", (its memory cgroup, its pids cgroup)), else None.
-    Tried once, by making one."""
+    """Where this process may make a cgroup per check: ("v2", (its cgroup, or else the parent of
+    its cgroup,)) where that hands memory and pids down to children (v2 lets a cgroup that holds
+    processes, as ours does, hand none down: its parent may), else ("v1", (its memory cgroup, its
+    pids cgroup)), else None. Tried once, by making one."""
     own = {}
     for line in Path("/proc/self/cgroup").read_text().splitlines():
         _, controllers, path = line.split(":", 2)
@@ -253,10 +254,11 @@ def _cgroup_parents() -> tuple[str, tuple[Path, ...]] | None:
             own[controller] = path.lstrip("/")
     candidates = []
     for root in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified")):
-        parent = root / own.get("", "-")
-        with contextlib.suppress(OSError):
-            if {"memory", "pids"} <= set((parent / "cgroup.subtree_control").read_text().split()):
-                candidates.append(("v2", (parent,)))
+        ours = root / own.get("", "-")
+        for parent in (ours, ours.parent) if ours != root else (ours,):
+            with contextlib.suppress(OSError):
+                if {"memory", "pids"} <= set((parent / "cgroup.subtree_control").read_text().split()):
+                    candidates.append(("v2", (parent,)))
     if "memory" in own and "pids" in own:
         candidates.append(("v1", (Path("/sys/fs/cgroup/memory", own["memory"]), Path("/sys/fs/cgroup/pids", own["pids"]))))
     for kind, parents in candidates:
@@ -279,10 +281,11 @@ def _cgroup(kind: str, parents: tuple[Path, ...], limits: Limits) -> Iterator[li
             (parent / name).mkdir()
             made.append(parent / name)
         limit_files = ({"memory.max": limits.memory_bytes, "memory.swap.max": 0, "pids.max": limits.processes}
-                       if kind == "v2" else {"memory.limit_in_bytes": limits.memory_bytes, "pids.max": limits.processes})
+                       if kind == "v2" else {"memory.limit_in_bytes": limits.memory_bytes, "pids.max": limits.processes,
+                                             "memory.memsw.limit_in_bytes": limits.memory_bytes})
         for file, value in limit_files.items():
             directory = next((d for d in made if (d / file).exists()), None)
-            if directory is None and file != "memory.swap.max":
+            if directory is None and "swap" not in file and "memsw" not in file:  # those exist only where swap is counted
                 raise OSError(f"no {file} in {made}")
             if directory is not None:
                 (directory / file).write_text(str(value))
