@@ -8,6 +8,8 @@ fresh sandbox. The one-process design, measured in the same run on the same item
 before issue 22: imports, answer, setup and tests exec'd in one interpreter, then a random token
 printed, passed when the token is stdout's last line. The bare sandbox (`pass`) is timed too, to
 show what both pay before any Python runs. Designs alternate in rounds; each keeps its best round.
+Wall time is sandboxed; CPU time (user + system of every process a check starts, the steadier
+figure on a busy machine) is measured on the same checks run without the sandbox.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import secrets
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
-from curate.sandbox import run_python, sandbox_available
+from curate.sandbox import SandboxUnavailableWarning, run_python, sandbox_available
 from curate.verify import CODE_LIMITS, CODE_TIMEOUT_S, code_tests, extract_code, setup_code, test_imports, verify_all
 
 RIGHT = "```python\ndef max_of_three(a, b, c):\n    return max(a, b, c)\n```"
@@ -36,7 +40,7 @@ def items(n: int) -> list[tuple[str, str, dict]]:
     return rows
 
 
-def one_process_check(answer: str, reference: str, extra: dict) -> bool:
+def one_process_check(answer: str, reference: str, extra: dict, unsafe: bool = False) -> bool:
     """The harness before issue 22 (forgeable: see tests/test_code_check.py), for comparison only."""
     token = secrets.token_hex(16)
     parts = [("<test_imports>", test_imports(extra)), ("<answer>", extract_code(answer)),
@@ -51,22 +55,53 @@ def one_process_check(answer: str, reference: str, extra: dict) -> bool:
         "    write(1, ('\\n' + token + '\\n').encode())\n"
         "del os, sys\n"
         f"_curate_run({parts!r}, {token!r})\n")
-    result = run_python(program, CODE_TIMEOUT_S, limits=CODE_LIMITS)
+    result = run_python(program, CODE_TIMEOUT_S, unsafe=unsafe, limits=CODE_LIMITS)
     return result.returncode == 0 and result.stdout_tail.splitlines()[-1:] == [token]
 
 
-def two_process(rows, workers: int) -> list[bool]:
-    return [v.verified for v in verify_all("code", rows, workers=workers)]
+def two_processes(rows, workers: int, unsafe: bool = False) -> list[bool]:
+    return [v.verified for v in verify_all("code", rows, workers=workers, unsafe=unsafe)]
 
 
-def one_process(rows, workers: int) -> list[bool]:
+def one_process(rows, workers: int, unsafe: bool = False) -> list[bool]:
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda row: one_process_check(*row), rows))
+        return list(pool.map(lambda row: one_process_check(*row, unsafe=unsafe), rows))
 
 
-def bare_sandbox(rows, workers: int) -> list[bool]:
+def bare(rows, workers: int, unsafe: bool = False) -> list[bool]:
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda row: run_python("pass", CODE_TIMEOUT_S).returncode == 0, rows))
+        return list(pool.map(lambda row: run_python("pass", CODE_TIMEOUT_S, unsafe=unsafe).returncode == 0, rows))
+
+
+DESIGNS = {"bare (pass)": bare, "one process": one_process, "two processes": two_processes}
+
+
+def children_cpu_s() -> float:
+    """CPU seconds of the processes this one has waited for, and of those they waited for."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def program_cpu_s(rows, rounds: int) -> dict[str, float]:
+    """Each design's CPU seconds, run without the sandbox: bubblewrap's monitor exits without
+    reaping the sandbox's processes, so theirs never reach RUSAGE_CHILDREN. The sandbox's own
+    cost is the same for both designs."""
+    cpu: dict[str, float] = {}
+    previous = os.environ.get("CURATE_BWRAP")
+    os.environ["CURATE_BWRAP"] = "/nonexistent/bwrap"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SandboxUnavailableWarning)
+            for _ in range(rounds):
+                for name, run in DESIGNS.items():
+                    before = children_cpu_s()
+                    run(rows, 1, unsafe=True)
+                    cpu[name] = min(children_cpu_s() - before, cpu.get(name, float("inf")))
+    finally:
+        os.environ.pop("CURATE_BWRAP")
+        if previous is not None:
+            os.environ["CURATE_BWRAP"] = previous
+    return cpu
 
 
 def main() -> None:
@@ -79,24 +114,24 @@ def main() -> None:
         raise SystemExit("bubblewrap cannot start here: run `make sandbox`")
     rows = items(args.checks)
     expected = [i % 2 == 0 for i in range(len(rows))]
-    designs = {"bare sandbox": bare_sandbox, "one process": one_process, "two processes": two_process}
-    best: dict[tuple[str, int], float] = {}
+    wall: dict[tuple[str, int], float] = {}
     for _ in range(args.rounds):
         for workers in (1, args.workers):
-            for name, run in designs.items():
+            for name, run in DESIGNS.items():
                 started = time.perf_counter()
                 verdicts = run(rows, workers)
-                seconds = time.perf_counter() - started
-                assert name == "bare sandbox" or verdicts == expected, (name, verdicts)
-                best[name, workers] = min(seconds, best.get((name, workers), float("inf")))
-    print(f"{args.checks} code checks on {os.cpu_count()} CPUs, best of {args.rounds} rounds")
-    for workers in (1, args.workers):
-        print(f"  workers={workers}:")
-        for name in designs:
-            per_check_ms = best[name, workers] / len(rows) * 1000
-            print(f"    {name:<14} {per_check_ms:7.1f} ms/check  ({len(rows) / best[name, workers]:6.1f} checks/s)")
-        ratio = best["two processes", workers] / best["one process", workers]
-        print(f"    two processes / one process: {ratio:.2f}x the time per check")
+                wall[name, workers] = min(time.perf_counter() - started, wall.get((name, workers), float("inf")))
+                assert name == "bare (pass)" or verdicts == expected, (name, verdicts)
+    cpu = program_cpu_s(rows, args.rounds)
+    per_check = {key: seconds / len(rows) * 1000 for key, seconds in [*wall.items(), *cpu.items()]}
+    print(f"{args.checks} code checks on {os.cpu_count()} CPUs, best of {args.rounds} rounds, ms per check")
+    print(f"  {'':<14} {'wall, sandboxed':>16} {f'({args.workers} workers)':>12} {'CPU, unsandboxed':>18}")
+    for name in DESIGNS:
+        print(f"  {name:<14} {per_check[name, 1]:16.1f} {per_check[name, args.workers]:12.1f} {per_check[name]:18.1f}")
+    two, one = "two processes", "one process"
+    print(f"  {two} / {one}: {per_check[two, 1] / per_check[one, 1]:.2f}x and "
+          f"{per_check[two, args.workers] / per_check[one, args.workers]:.2f}x the wall time, "
+          f"{per_check[two] / per_check[one]:.2f}x the CPU time")
 
 
 if __name__ == "__main__":
