@@ -249,7 +249,7 @@ class ChatTokenizer:
             if how == "literal" and not any(p.index == last and p.kind == "content" for p in after):
                 continue
             state = "trained" if keep else ("dropped" if reasoning is not None else "none")
-            return self._finish(row, prompt, after, last, len(prompt_text), state, tool_calls)
+            return self._finish(row, message, prompt, after, last, len(prompt_text), state, tool_calls)
         if think_open or _THINK_CLOSED_AT_END.search(prompt_text):
             if keep and not think_open:
                 raise RowError(row, "the chat template's generation prompt closes the think block, so this turn's "
@@ -295,12 +295,13 @@ class ChatTokenizer:
             context_close, state = [_Piece(close)], "dropped" if had_reasoning else "none"
         prompt = [*prompt, *context_close]
         start = len(prompt_text) + len(_text(context_close))
-        return self._finish(row, prompt, [*generated, *tail], last, start, state, tool_calls)
+        return self._finish(row, message, prompt, [*generated, *tail], last, start, state, tool_calls)
 
-    def _finish(self, row, prompt, after, index, start, reasoning, tool_calls) -> tuple[list[_Piece], list[_Turn]]:
+    def _finish(self, row, message, prompt, after, index, start, reasoning, tool_calls) -> tuple[list[_Piece], list[_Turn]]:
         """The whole sequence's pieces and the trained turn that starts at `start`."""
         pieces = [*prompt, *after]
         end, token = self._end_of_turn(row, pieces, index, start, tool_calls)
+        _check_calls_rendered(row, message, pieces, index, start, end)
         return pieces, [_Turn(index, start, end, token, reasoning, tool_calls)]
 
     # ------------------------------------------------------------ earlier trained turns
@@ -333,6 +334,7 @@ class ChatTokenizer:
                                     "--train-turns last, or --reasoning drop)", field=f"messages[{index}]")
             tool_calls = len(_tool_calls(message))
             end, token = self._end_of_turn(row, pieces, index, len(prompt), tool_calls)
+            _check_calls_rendered(row, message, pieces, index, len(prompt), end)
             state = "trained" if kept else ("dropped" if reasoning is not None else "none")
             turns.append(_Turn(index, len(prompt), end, token, state, tool_calls))
         return turns
@@ -734,6 +736,16 @@ def split_reasoning(message: dict) -> tuple[str | None, str, str]:
     if closed and "<think>" not in content:  # the opening marker was the generation prompt's
         return closed.group(1).strip("\n"), closed.group(2), "<think>\n" + content.lstrip("\n")
     return None, content, content
+
+
+def _check_calls_rendered(row: int, message: dict, pieces: list[_Piece], index: int, start: int, end: int) -> None:
+    """A turn's tool calls are in what it trains, or the row is rejected: never trained as text only."""
+    calls = [_template_call(call) for call in _tool_calls(message)]
+    generated = _text(pieces)[start:end]
+    missing = [c["function"]["name"] for c in calls if c["function"]["name"] not in generated]
+    if missing:
+        raise RowError(row, f"the chat template does not write this turn's tool call ({', '.join(missing)}), so it "
+                            "would be trained as its text alone", field=f"messages[{index}].tool_calls")
 
 
 def _tool_calls(message: dict) -> list:

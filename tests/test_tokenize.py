@@ -76,3 +76,52 @@ def test_control_token_text_in_an_answer_stays_text(chat_tokenizer, tokenizer):
 
 def test_the_end_of_turn_token_is_found_from_the_template(chat_tokenizer, tokenizer):
     assert chat_tokenizer.end_of_turn_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+# ---------------------------------------------------------------- messages as read (issue 17: 8, 9, 19)
+
+CALL = {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": '{"q": "x"}'}}
+
+
+def test_sharegpt_turns_honour_weight_zero_as_messages_do(chat_tokenizer, tokenizer):
+    record = {"conversations": [
+        {"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "Red", "weight": 0},
+        {"from": "human", "value": "Another."}, {"from": "gpt", "value": "Blue"}]}
+    example = normalise(0, record)
+    assert example.messages[1]["weight"] == 0
+    assert _target_text(tokenizer, chat_tokenizer.encode(0, example.messages)) == "Blue<|im_end|>"
+
+
+def test_stored_messages_are_the_example_as_read_with_what_was_trained_marked(chat_tokenizer, hf_engine):
+    from curate.score import score_conversations
+
+    messages = [{"role": "user", "content": "Say yes."}, {"role": "assistant", "content": "yes"},
+                {"role": "user", "content": "And now?"}]
+    table = score_conversations([{"id": "r", "messages": messages}], hf_engine, chat_tokenizer)
+    stored = table.column("messages").to_pylist()[0]
+    assert [(m["role"], m["content"], m["trained"]) for m in stored] == [
+        ("user", "Say yes.", False), ("assistant", "yes", True), ("user", "And now?", False)]
+
+
+def test_a_tool_call_the_template_does_not_write_is_a_reject_not_text_only(chat_tokenizer):
+    """SmolLM2's template renders content only: the call would vanish, so the row is rejected."""
+    example = normalise(0, {"messages": [{"role": "user", "content": "Look x up."},
+                                         {"role": "assistant", "content": "Looking.", "tool_calls": [CALL]}]})
+    assert json.loads(example.messages[1]["tool_calls"])[0]["function"]["name"] == "lookup"
+    with pytest.raises(RowError, match="does not write this turn's tool call"):
+        chat_tokenizer.encode(0, example.messages)
+
+
+def test_tool_results_and_reasoning_fields_are_read(chat_tokenizer, tokenizer):
+    example = normalise(0, {"messages": [
+        {"role": "user", "content": "Q"},
+        {"role": "assistant", "content": "", "tool_calls": [CALL]},
+        {"role": "tool", "tool_call_id": "c1", "content": {"found": True}},
+        {"role": "assistant", "content": "A", "reasoning_content": "because"}]})
+    assert example.messages[2] == {"role": "tool", "content": '{"found": true}', "tool_call_id": "c1"}
+    assert example.messages[3]["reasoning"] == "because"
+    # SmolLM2's template knows no think block: the trace is trained as the answer's own text.
+    encoded = ChatTokenizer(tokenizer, train_turns="last").encode(0, example.messages)
+    assert _target_text(tokenizer, encoded) == "<think>\nbecause\n</think>\n\nA<|im_end|>"
+    assert _target_text(tokenizer, ChatTokenizer(tokenizer, train_turns="last", reasoning="drop")
+                        .encode(0, example.messages)) == "A<|im_end|>"
