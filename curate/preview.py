@@ -13,8 +13,9 @@ from curate.view import token_texts
 
 
 def preview(input_path: Path, chat_tokenizer: ChatTokenizer, fields: Fields = Fields(), limit: int = 3) -> list[dict]:
-    """The first `limit` rows: each scored row's tokens (text, id, target, end_of_turn), or
-    each rejected row's reason, in input order."""
+    """The first `limit` rows: each scored row's tokens (text, id, target, end_of_turn) and
+    trained spans (message, token range, text, end-of-turn token, reasoning and tool-call
+    handling), or each rejected row's reason, in input order."""
     tokenizer = chat_tokenizer.tokenizer
     out = []
     chunks = read_in_chunks(input_path, lambda example: chat_tokenizer.encode(example.row, example.messages),
@@ -27,6 +28,7 @@ def preview(input_path: Path, chat_tokenizer: ChatTokenizer, fields: Fields = Fi
                 "truncated": encoded.truncated,
                 "token_list": [{"id": i, "text": t, "target": g, "end_of_turn": e}
                                for i, t, g, e in zip(encoded.input_ids, texts, encoded.target, encoded.end_of_turn)],
+                "spans": [{**turn, "text": "".join(texts[turn["tokens"][0]:turn["tokens"][1]])} for turn in encoded.turns],
             })
         out.extend({"row": r["row"], "rejected": r["reason"], "field": r["field"]} for r in rejects)
     return sorted(out, key=lambda item: item["row"])
@@ -38,8 +40,10 @@ def render_preview(items: list[dict], chat_tokenizer: ChatTokenizer, console) ->
     from rich.text import Text
 
     plain = console.color_system is None
-    console.print(f"end-of-turn token: {chat_tokenizer.end_of_turn_token!r} (id {chat_tokenizer.end_of_turn_id}) · "
-                  f"--system-prompt {chat_tokenizer.system_prompt} · --train-turns {chat_tokenizer.train_turns}",
+    ends = ", ".join(sorted(chat_tokenizer.end_of_turn_tokens))
+    console.print(f"end-of-turn token: {chat_tokenizer.end_of_turn_token!r} (id {chat_tokenizer.end_of_turn_id}; "
+                  f"a turn may end with any of {ends}) · --system-prompt {chat_tokenizer.system_prompt} · "
+                  f"--train-turns {chat_tokenizer.train_turns} · --reasoning {chat_tokenizer.reasoning}",
                   highlight=False, markup=False)
     for item in items:
         if "rejected" in item:
@@ -57,3 +61,9 @@ def render_preview(items: list[dict], chat_tokenizer: ChatTokenizer, console) ->
         if plain and inside:
             text.append("]]")
         console.print(text, highlight=False, markup=False)
+        for span in item["spans"]:
+            start, end = span["tokens"]
+            calls = f" · {span['tool_calls']} tool call{'s' * (span['tool_calls'] != 1)}" if span["tool_calls"] else ""
+            console.print(f"  trained: messages[{span['message']}], tokens {start}-{end - 1}, ends with "
+                          f"{span['end_of_turn']!r} · reasoning {span['reasoning']}{calls}: {span['text']!r}",
+                          highlight=False, markup=False)

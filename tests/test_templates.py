@@ -274,3 +274,30 @@ def test_gpt_oss_tool_call_ends_with_call(load):
     texts = trained_texts(chat, chat.encode(0, example.messages))
     assert texts == [' to=functions.get_weather<|channel|>commentary json<|message|>{"city": "Paris"}<|call|>',
                      "<|channel|>final<|message|>It is 21 degrees in Paris.<|return|>"]
+
+
+# ---------------------------------------------------------------- preview
+
+
+def test_preview_shows_each_trained_span_with_its_end_and_handling(load, tmp_path):
+    import io
+    import json
+
+    from rich.console import Console
+
+    from curate.preview import preview, render_preview
+
+    rows = [{"id": "think", "messages": [_u("Is 7 prime?"), _a(TRACE)]}, {"id": "tool", **TOOL_ROW}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    chat = load("gpt-oss")
+    items = preview(path, chat, limit=2)
+    assert [[(s["message"], s["end_of_turn"], s["reasoning"], s["tool_calls"]) for s in item["spans"]] for item in items] == [
+        [(1, "<|return|>", "trained", 0)],
+        [(1, "<|call|>", "none", 1), (3, "<|return|>", "none", 0)],
+    ]
+    assert items[0]["spans"][0]["text"].startswith("<|channel|>analysis<|message|>Seven has no divisor")
+    out = io.StringIO()
+    render_preview(items, chat, Console(file=out, color_system=None, width=200))
+    shown = out.getvalue()
+    assert "--reasoning keep" in shown and "trained: messages[3]" in shown and "ends with '<|call|>'" in shown
