@@ -77,7 +77,7 @@ def run_check(payload: dict) -> None:
         except Exception:
             pass
     passed, one_process, reason = verdict
-    os.write(VERDICT_FD, f"{passed:d} {one_process:d} {reason}".encode())
+    os.write(VERDICT_FD, f"{passed:d} {one_process:d} {reason}".encode(errors="replace"))
     os._exit(0)
 
 
