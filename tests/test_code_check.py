@@ -126,6 +126,8 @@ def add(a, b):
         # an always-equal object cannot cross the pipe
         ("def add(a, b):\n    class Equal:\n        def __eq__(self, other):\n            return True\n    return Equal()",
          "not plain data"),
+        # nor a generator (the tests would compare it as one, not as the list it yields)
+        ("def add(a, b):\n    yield a + b", "not plain data"),
         # nor can patched builtins reach the tests' process
         ("import builtins\nbuiltins.abs = lambda x: 0\nbuiltins.AssertionError = type('Quiet', (Exception,), {})\n" + WRONG,
          "AssertionError"),
@@ -134,7 +136,7 @@ def add(a, b):
         # a function made a class is not checked in one process (where a verdict can be forged)
         ("class add:\n    def __new__(cls, a, b):\n        return cls\n", "the tests use the answer's add"),
     ],
-    ids=["always-equal", "patched-builtins", "shadowed-builtin", "class-for-a-function"],
+    ids=["always-equal", "generator", "patched-builtins", "shadowed-builtin", "class-for-a-function"],
 )
 def test_objects_and_patches_do_not_cross_to_the_tests(answer, why):
     verdict = check(answer, TESTS + "\nassert abs(add(2, 2) - 4) < 1e-9")
