@@ -245,10 +245,12 @@ def models(prepare: bool) -> None:
 @click.option("--resume", is_flag=True, help="Finish an interrupted run, keeping its completed shards.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in the output directory.")
 @allow_empty_option
-@click.option("--quiet", is_flag=True, help="No progress bar or summary table.")
+@click.option("--quiet", is_flag=True, help="No progress bar, summary table, or the engines' own warnings and logs.")
+@click.option("--verbose", is_flag=True, help="With --quiet: still show the engines' warnings and logs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def score(input_path, output, model, engine_choice, max_length, truncate, system_prompt, train_turns, reasoning, prompt_field,
-          response_field, reference_field, shard_rows, limit, split, resume, overwrite, allow_empty, quiet, as_json) -> None:
+          response_field, reference_field, shard_rows, limit, split, resume, overwrite, allow_empty, quiet, verbose,
+          as_json) -> None:
     """Annotate every token of INPUT with its log-probability under the model.
 
     INPUT: .jsonl, .json, .parquet, .csv, or a `datasets` save_to_disk directory, with
@@ -270,7 +272,7 @@ def score(input_path, output, model, engine_choice, max_length, truncate, system
     max_length = _max_length(model_dir, max_length)
     engine_choice = (engine_choice[0], replace(engine_choice[1], max_model_len=max_length), engine_choice[2])
     try:
-        with _errors_as_usage(), _stdout_to_stderr():
+        with _errors_as_usage(), _engine_noise_hidden(quiet, verbose), _stdout_to_stderr():
             chat_tokenizer = ChatTokenizer(load_tokenizer(model_dir), max_length=max_length, truncate=truncate,
                                            system_prompt=system_prompt, train_turns=train_turns, reasoning=reasoning)
             with _engine(engine_choice, model_dir) as engine, _progress(_rows(input_path, limit, split), quiet) as on_progress:
@@ -423,11 +425,12 @@ def _echo_comparison(directories, results) -> None:
 @click.option("--resume", is_flag=True, help="Finish an interrupted run.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run.")
 @allow_empty_option
-@click.option("--quiet", is_flag=True)
+@click.option("--quiet", is_flag=True, help="No progress bar, summary table, or the engines' own warnings and logs.")
+@click.option("--verbose", is_flag=True, help="With --quiet: still show the engines' warnings and logs.")
 @click.option("--json", "as_json", is_flag=True)
 def generate(input_path, output, model, engine_choice, checker, verify_workers, unsafe_verify, n, temperature, top_p, max_new_tokens,
              seed, rephrase, max_length, system_prompt, reference_field, shard_rows, limit, split, resume, overwrite, allow_empty,
-             quiet, as_json):
+             quiet, verbose, as_json):
     """The model's own answers to INPUT's prompts (self-output), checked against the reference."""
     from curate.data import Fields
     from curate.engines.base import SamplingOptions
@@ -448,7 +451,7 @@ def generate(input_path, output, model, engine_choice, checker, verify_workers, 
         raise click.ClickException(str(error)) from None
     sampling = SamplingOptions(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
     try:
-        with _errors_as_usage(), _stdout_to_stderr():
+        with _errors_as_usage(), _engine_noise_hidden(quiet, verbose), _stdout_to_stderr():
             with _engine(engine_choice, model_dir) as engine, _progress(_rows(input_path, limit, split), quiet) as on_progress:
                 summary = generate_dataset(input_path, output, engine, chat_tokenizer, sampling, checker=checker,
                                            rephrase=rephrase, fields=Fields(reference=reference_field, split=split), shard_rows=shard_rows,
@@ -592,13 +595,15 @@ def eval_command(model, tasks, output, split, limit, engine_choice, max_length, 
     from curate.evaluate import evaluate
     from curate.models import load_tokenizer, resolve_model
     from curate.sandbox import SandboxUnavailable
-    from curate.store import StoreError
+    from curate.store import StoreError, refuse_overlap
     from curate.tokenize import ChatTokenizer
 
     model_dir = resolve_model(model)
     try:
         with _errors_as_usage(), _stdout_to_stderr():
             files = _task_files(tasks, split)
+            for path in files.values():  # results never land on, in or around a task's rows
+                refuse_overlap(path, output)
             chat_tokenizer = ChatTokenizer(load_tokenizer(model_dir), max_length=max_length)
             with _engine(engine_choice, model_dir) as engine:
                 summary = evaluate(model_dir, files, output, engine, chat_tokenizer, limit=limit,
@@ -772,6 +777,39 @@ def _rows(input_path: Path, limit: int | None, split: str | None = None) -> int 
 
     total = count_rows(input_path) if split is None else None
     return min(total, limit) if total is not None and limit else total or limit
+
+
+@contextmanager
+def _engine_noise_hidden(quiet: bool, verbose: bool):
+    """--quiet: the engines' own warnings, logs and loading bars (vLLM, transformers, torch) go to a
+    temporary file, shown only if the command fails with something other than a curate error;
+    --verbose shows them anyway."""
+    import tempfile
+
+    from curate.errors import CurateError
+
+    if not quiet or verbose:
+        yield
+        return
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        except (CurateError, KeyboardInterrupt):
+            raise
+        except BaseException:
+            sys.stderr.flush()
+            captured.seek(0)
+            os.write(saved, captured.read()[-8000:])
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 @contextmanager

@@ -238,3 +238,11 @@ def test_resume_and_overwrite_together_are_a_usage_error(run_copy):
     result = run_curate("score", source, "-o", scored, "--resume", "--overwrite", *HF, check=False)
     assert result.returncode == 2 and "contradict" in result.stderr
     assert _snapshot(scored) == before
+
+
+def test_quiet_is_quiet_even_for_vllm(tmp_path):
+    source = _write_jsonl(tmp_path / "data.jsonl", _rows(2))
+    result = run_curate("score", source, "-o", tmp_path / "d", "--backend", "vllm", "--quiet")
+    assert result.stderr == "" and result.stdout == ""
+    loud = run_curate("score", source, "-o", tmp_path / "d", "--backend", "vllm", "--quiet", "--verbose", "--overwrite")
+    assert "Loading" in loud.stderr or "WARNING" in loud.stderr or "INFO" in loud.stderr
