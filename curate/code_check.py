@@ -45,7 +45,7 @@ MESSAGE_BYTES = 1 << 28  # the largest call or reply on the pipe
 SIGKILL = 9  # signal.SIGKILL, without importing signal (and enum)
 _SCALARS = (type(None), bool, int, float, complex, str, bytes)
 _needs_one_process = []  # what, in the tests' process, needed the answer's own objects
-_phase = ["setup"]  # what the tests' process runs now: "setup" (the row's setup code) or "tests"
+_running_tests = False  # in the tests' process: past the row's setup code, into its tests
 
 
 class _NotPlain(Exception):
@@ -354,7 +354,7 @@ class _AnswerOnly(type):
 
     def _needs(cls, *args, **kwargs):
         name = type.__getattribute__(cls, "__name__")
-        if _phase[0] == "tests":
+        if _running_tests:
             raise AnswerError(f"TypeError: the tests use the answer's {name}, which is not plain data")
         _needs_one_process.append(f"the answer's {name}")
         raise _NeedsOneProcess(name)
@@ -395,6 +395,7 @@ def _stand_in(answer: _Answer, name: str, kind: str, detail):
 
 def _in_two_processes(payload: dict) -> tuple | None:
     """The verdict, or None where the tests need the answer's own objects."""
+    global _running_tests
     answer = _Answer(payload)
     try:
         kind, detail = answer.receive()
@@ -409,7 +410,7 @@ def _in_two_processes(payload: dict) -> tuple | None:
                     (name == payload["tested"] or not hasattr(builtins, name)):
                 namespace[name] = _stand_in(answer, name, kind, value)
         exec(setup, namespace)
-        _phase[0] = "tests"
+        _running_tests = True
         exec(tests, namespace)
     except _AnswerEnded:
         return _ended(answer.stop())
