@@ -1,0 +1,88 @@
+"""A reasoning-trace dataset and a tool-call dataset through `curate score` → `curate export`, on a
+tiny random-weight Qwen3 (its real tokenizer and template): the exported labels are exactly the
+targets, and those are what the model writes after its generation prompt."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+import fetch_tokenizers
+from conftest import run_curate
+from tiny_models import build_tiny_model
+
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+ROWS = [
+    {"id": "think-block", "messages": [
+        {"role": "user", "content": "Is 7 prime?"},
+        {"role": "assistant", "content": "<think>\nNo divisor but 1 and 7.\n</think>\n\nYes."}]},
+    {"id": "think-field", "messages": [
+        {"role": "user", "content": "Is 9 prime?"},
+        {"role": "assistant", "content": "No.", "reasoning_content": "9 = 3 * 3."},
+        {"role": "user", "content": "Thanks!"}]},  # a trailing user turn: kept in the stored messages
+    {"id": "tool", "tools": WEATHER, "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "content": "{\"sky\": \"clear\"}"},
+        {"role": "assistant", "content": "Clear skies."}]},
+]
+TRAINED = {
+    "think-block": ["<think>\nNo divisor but 1 and 7.\n</think>\n\nYes.<|im_end|>"],
+    "think-field": ["<think>\n9 = 3 * 3.\n</think>\n\nNo.<|im_end|>"],
+    "tool": ['<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
+             "<think>\n\n</think>\n\nClear skies.<|im_end|>"],
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen3(tmp_path_factory) -> Path:
+    cache = Path(os.environ.get("CURATE_CACHE") or Path.home() / ".cache" / "curate").expanduser() / "tokenizers"
+    if not fetch_tokenizers.fetched(cache):
+        pytest.fail(f"the chat-model tokenizers are not all fetched into {cache}: run `make tokenizers`", pytrace=False)
+    return build_tiny_model(cache / "qwen3", "qwen3", tmp_path_factory.mktemp("tiny") / "qwen3")
+
+
+def _runs(mask):
+    runs, start = [], None
+    for i, value in enumerate([*mask, False]):
+        if value and start is None:
+            start = i
+        elif not value and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+def test_reasoning_and_tool_rows_score_and_export_with_the_labels_the_model_must_generate(tiny_qwen3, tmp_path):
+    from transformers import AutoTokenizer
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    scored, train = tmp_path / "scored", tmp_path / "train.jsonl"
+    run_curate("score", data, "-o", scored, "--model", tiny_qwen3, "--backend", "hf", "--dtype", "float32", "--quiet")
+    run_curate("export", scored, "-o", train, "--mode", "ground-truth", "--quiet")
+
+    manifest = json.loads((scored / "manifest.json").read_text())
+    assert manifest["meta"]["targets"]["reasoning"] == "keep"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen3)
+    rows = {row["id"]: row for row in pq.read_table(sorted(scored.glob("part-*.parquet"))).to_pylist()}
+    assert set(rows) == set(TRAINED)
+    assert [(m["role"], m["trained"]) for m in rows["think-field"]["messages"]] == [
+        ("user", False), ("assistant", True), ("user", False)]
+    assert rows["think-field"]["messages"][1]["reasoning"] == "9 = 3 * 3."
+    assert json.loads(rows["tool"]["messages"][1]["tool_calls"])[0]["function"]["name"] == "get_weather"
+    for name, row in rows.items():
+        spans = [tokenizer.decode(row["input_ids"][a:b]) for a, b in _runs(row["target"])]
+        assert spans == TRAINED[name], name
+        assert [row["input_ids"][i] for i, e in enumerate(row["end_of_turn"]) if e] == [151645] * len(spans)
+    for line in train.read_text().splitlines():
+        example = json.loads(line)
+        row = rows[example["id"]]
+        assert example["input_ids"] == row["input_ids"]
+        assert example["labels"] == [t if keep else -100 for t, keep in zip(row["input_ids"], row["target"])]
