@@ -99,10 +99,13 @@ finetune: setup axolotl
 	PATH="$(abspath $(AXOLOTL))/bin:$$PATH" axolotl train $(FT_CONFIG)
 	@$(BIN)/python -c 'import sys; from curate.recipes import usage_after_training as u; print(u(sys.argv[1]))' $(FT_CONFIG)
 
-# The study's comparison, small and real: score, export, fine-tune and evaluate each mode (ground truth, STM,
-# random masking, self-output) with one recipe, then TI/BWT with intervals (OUT_EXP/results.md) and a report.
-# Resumable: a second run skips finished steps. EXPERIMENT=recipes/experiment/<model>-mbpp.yml: the GPU version.
-EXPERIMENT ?= recipes/experiment/smollm2-135m-arc-easy.yml
+# The study's comparison, small and real: score, export, fine-tune and evaluate each mode (ground truth, STM at
+# τ = 2.5 and at a 20% share, random masking, self-output, rephrase; 3 seeds for the first four) with one recipe,
+# then TI/BWT on accuracy and gold NLL with seed spread and intervals (OUT_EXP/results.md) and a report.
+# Default: the pre-registered GSM8K config (the study's regime: long worked solutions). Resumable: a second run
+# skips finished steps. EXPERIMENT=recipes/experiment/smollm2-135m-arc-easy.yml: the smaller ARC-Easy one;
+# EXPERIMENT=recipes/experiment/<model>-mbpp.yml: the GPU version.
+EXPERIMENT ?= recipes/experiment/smollm2-135m-gsm8k.yml
 OUT_EXP    ?= out/experiment/$(basename $(notdir $(EXPERIMENT)))
 experiment: setup axolotl
 	$(BIN)/curate experiment $(EXPERIMENT) -o $(OUT_EXP) --axolotl $(abspath $(AXOLOTL))/bin/axolotl

@@ -1,6 +1,8 @@
 """The `curate report` section of a `curate experiment` directory: its table, and bar charts of
-TI/BWT and of the absolute change per task, each bar with its 95% interval, so that a reader
-sees at once which differences between modes are larger than the noise."""
+TI/BWT, of the absolute change per task and of the gold-answer NLL change per task, each bar with
+its 95% interval, so that a reader sees at once which differences between modes are larger than
+the noise; with seeds, each mode's mean, spread across seeds and interval side by side; and what
+STM masked on the training set (the kinds of tokens, the most often masked ones)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from pathlib import Path
 
 from curate.experiment import CONFIG, TABLE_JSON
 
-CHARTS = ("experiment-forgetting", "experiment-changes")  # element ids, checked by the tests
+CHARTS = ("experiment-forgetting", "experiment-changes", "experiment-nll")  # element ids, checked by the tests
 
 
 def is_experiment(directory: Path) -> bool:
@@ -42,11 +44,21 @@ def experiment_section(directory: Path) -> str:
         changes.add_trace(go.Bar(x=labels, y=values, name=f"{task} (target)" if task == target else task,
                                  error_y=_error_bars(values, low_high)))
     changes.update_layout(title="absolute change of each task's score (fine-tuned − base)", barmode="group")
+    nll = go.Figure()
+    for task in tasks:
+        cells = [modes[m].get("nll_change", {}).get(task, {"change": math.nan, "interval": (math.nan, math.nan)})
+                 for m in labels]
+        values = [c["change"] for c in cells]
+        nll.add_trace(go.Bar(x=labels, y=values, name=f"{task} (target)" if task == target else task,
+                             error_y=_error_bars(values, [c["interval"] for c in cells])))
+    nll.update_layout(title="change of each task's gold-answer NLL per token (fine-tuned − base; below 0: likelier)",
+                      barmode="group")
     charts = "\n".join(
         f'<div class="chart">{figure.to_html(full_html=False, include_plotlyjs=False, div_id=chart, default_height="380px")}</div>'
-        for chart, figure in zip(CHARTS, (forgetting, changes)))
+        for chart, figure in zip(CHARTS, (forgetting, changes, nll)))
     return (f"<section><h2>Experiment {html.escape(str(Path(directory).resolve().name))}: trained for "
-            f"{html.escape(target)}</h2>{_scores_table(table)}{_modes_table(table)}{charts}</section>")
+            f"{html.escape(target)}</h2>{_scores_table(table)}{_modes_table(table)}{_arms_table(table)}"
+            f"{charts}{_diagnostics_table(table)}</section>")
 
 
 def _error_bars(values: list[float], intervals: list) -> dict:
@@ -56,7 +68,7 @@ def _error_bars(values: list[float], intervals: list) -> dict:
 
 
 def _cell(value, interval, number: str) -> str:
-    if value is None or not math.isfinite(value):
+    if value is None or not math.isfinite(value) or interval is None:
         return "<td>n/a</td>"
     low, high = interval
     return f"<td>{number.format(value)} <small>[{number.format(low)}, {number.format(high)}]</small></td>"
@@ -77,7 +89,60 @@ def _modes_table(table: dict) -> str:
     rows = "".join(
         f"<tr><td>{html.escape(label)}</td><td>{row['examples']}</td><td>{row['masked_ratio']:.1%}</td>"
         + _cell(row["ti"], row["ti_interval"], "{:+.1%}") + _cell(row["bwt"], row["bwt_interval"], "{:+.1%}")
+        + _cell(row.get("ti_nll"), row.get("ti_nll_interval"), "{:+.1%}")
+        + _cell(row.get("bwt_nll"), row.get("bwt_nll_interval"), "{:+.1%}")
         + "".join(_cell(row["absolute"][t]["change"], row["absolute"][t]["interval"], "{:+.3f}") for t in tasks) + "</tr>"
         for label, row in table["modes"].items())
     return ('<h3>Forgetting per mode (paired bootstrap intervals)</h3><table id="experiment-modes"><tr><th>mode</th>'
-            f"<th>trained examples</th><th>masked</th><th>TI</th><th>BWT</th>{head}</tr>{rows}</table>")
+            "<th>trained examples</th><th>masked</th><th>TI</th><th>BWT</th><th>TI gold NLL</th><th>BWT gold NLL</th>"
+            f"{head}</tr>{rows}</table>")
+
+
+def _arms_table(table: dict) -> str:
+    """Per mode trained with several seeds: mean over seeds, spread (sd) across them, bootstrap interval."""
+    if not table.get("arms"):
+        return ""
+    names = {"ti": f"TI ({table['target']})", "bwt": "BWT", "ti_nll": "TI gold NLL", "bwt_nll": "BWT gold NLL"}
+    rows = []
+    for arm, row in table["arms"].items():
+        for metric, name in names.items():
+            cell = row[metric]
+            per_seed = ", ".join(_signed(v) for v in cell["per_seed"])
+            rows.append(f"<tr><td>{html.escape(arm)}</td><td>{len(row['runs'])}</td><td>{html.escape(name)}</td>"
+                        f"<td>{_signed(cell['mean'])}</td><td>{_plain(cell['sd'])}</td><td>{per_seed}</td>"
+                        f"<td>[{_signed(cell['interval'][0])}, {_signed(cell['interval'][1])}]</td></tr>")
+    return ('<h3>Over seeds: mean, spread across seeds, bootstrap interval</h3><table id="experiment-seeds"><tr>'
+            "<th>mode</th><th>seeds</th><th>metric</th><th>mean</th><th>spread (sd)</th><th>per seed</th>"
+            f"<th>95% interval of the mean</th></tr>{''.join(rows)}</table>")
+
+
+def _diagnostics_table(table: dict) -> str:
+    """What each masking mode masked on the training set."""
+    from curate.experiment import CATEGORIES
+
+    found = table.get("diagnostics") or {}
+    if not found:
+        return ""
+    head = "".join(f"<th>{kind}</th>" for kind in CATEGORIES)
+    rows = []
+    for label, d in found.items():
+        shares = "".join(f"<td>{d['masked_share'][k]:.0%} <small>({d['target_share'][k]:.0%} of target; "
+                         f"{d['masked_rate'][k]:.0%} masked)</small></td>" for k in CATEGORIES)
+        common = ", ".join(f"<code>{html.escape(repr(item['token']))}</code> {item['masked']} "
+                           f"<small>({item['rate']:.0%})</small>" for item in d["top"])
+        rows.append(f"<tr><td>{html.escape(label)}</td><td>{d['masked_tokens']:,} of {d['target_tokens']:,}</td>"
+                    f"{shares}<td>{common}</td></tr>")
+    return ("<h3>What was masked on the training set</h3><p>Share of the masked tokens of each kind (in brackets: "
+            "the kind's share of all target tokens, and the share of that kind masked). <em>calculator</em>: inside "
+            "a <code>&lt;&lt;48/2=24&gt;&gt;</code> annotation; <em>number</em>: a digit outside one; <em>formatting</em>: "
+            "whitespace, punctuation, symbols.</p>"
+            f'<table id="experiment-masked"><tr><th>training set</th><th>masked</th>{head}<th>most often masked '
+            f"(share of its occurrences masked)</th></tr>{''.join(rows)}</table>")
+
+
+def _signed(value) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:+.1%}"
+
+
+def _plain(value) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.1%}"

@@ -218,3 +218,99 @@ def test_seed_aggregation_is_recomputed_from_the_per_example_files(tmp_path):
     assert single["ti"]["sd"] is None and single["ti"]["mean"] == pytest.approx(table["modes"]["stm-tau2.5-seed1"]["ti"])
     shown = table_markdown(table)
     assert f"| ground-truth | {seeds} | TI (gsm8k) |" in shown and "spread across seeds" in shown
+
+
+# ---------------------------------------------------------------- the GSM8K config, pre-registered; a tiny run of its shape
+
+ROOT_CONFIG = "recipes/experiment/smollm2-135m-gsm8k.yml"
+
+
+def test_the_preregistered_gsm8k_config_has_every_arm_and_three_seeds_where_asked():
+    from curate.experiment import ExperimentConfig
+
+    config = ExperimentConfig.load(ROOT_CONFIG)
+    runs = config.runs()
+    per_mode = {}
+    for run in runs:
+        per_mode.setdefault(run.mode.label, []).append(run.seed)
+    assert list(per_mode) == ["ground-truth", "stm-tau2.5", "stm-ratio0.2", "random-mask", "self-output", "rephrase"]
+    assert all(len(per_mode[m]) >= 3 for m in ("ground-truth", "stm-tau2.5", "stm-ratio0.2", "random-mask"))
+    assert config.train == "gsm8k" and config.checkpoint == "best-validation-nll"
+    assert (config.samples, config.temperature, config.top_p) == (4, 0.7, 0.95)
+    assert {"arc_easy", "piqa", "sciq", "hellaswag"} <= set(config.eval_tasks)
+
+
+def test_token_kinds_of_a_worked_solution():
+    from curate.experiment import token_categories
+
+    pieces = ["He", " pays", " 48", "/", "2", " =", " <<", "48", "/", "2", "=", "24", ">>", "24", ".", "\n", "####", " 24"]
+    kinds = token_categories(pieces)
+    assert kinds[:6] == ["word", "word", "number", "formatting", "number", "formatting"]
+    assert kinds[6:13] == ["calculator"] * 7
+    assert kinds[13:] == ["number", "formatting", "formatting", "formatting", "number"]
+
+
+def _tiny_gsm8k_config(folder) -> str:
+    """The GSM8K config's shape at its smallest: 4 training rows, 2 epochs, 2 seeds of ground truth, one of STM."""
+    path = folder / "gsm8k-tiny.yml"
+    path.write_text(yaml.safe_dump({
+        "train": "gsm8k", "train_limit": 4, "target": "gsm8k", "eval_tasks": ["gsm8k", "arc_easy"],
+        "eval_limit": {"gsm8k": 2, "arc_easy": 4}, "modes": ["ground-truth", "stm"], "seeds": [1, 2],
+        "seeded_modes": ["ground-truth"], "recipe": "recipes/experiment/axolotl/smollm2-135m-gsm8k.yml",
+        "epochs": 2, "checkpoint": "best-validation-nll", "validation_limit": 4, "max_new_tokens": 16}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def gsm8k_experiment(tmp_path_factory):
+    assert (AXOLOTL_BIN / "axolotl").exists(), "Axolotl's environment is missing: run `make axolotl`"
+    folder = tmp_path_factory.mktemp("gsm8k")
+    out = folder / "out"
+    run_curate("experiment", _tiny_gsm8k_config(folder), "-o", out, "--axolotl", AXOLOTL_BIN / "axolotl")
+    return out
+
+
+def test_seeds_train_apart_and_only_the_seed_and_data_differ(gsm8k_experiment):
+    out = gsm8k_experiment
+    table = json.loads((out / "results.json").read_text())
+    assert list(table["modes"]) == ["ground-truth-seed1", "ground-truth-seed2", "stm-tau2.5-seed1"]
+    for label, seed in (("ground-truth-seed1", 1), ("ground-truth-seed2", 2), ("stm-tau2.5-seed1", 1)):
+        assert yaml.safe_load((out / "configs" / f"{label}.yml").read_text())["seed"] == seed
+    assert set(k for keys in table["recipe"]["differences"].values() for k in keys) <= {
+        "datasets.0.path", "dataset_prepared_path", "output_dir", "seed"}
+    arm = table["arms"]["ground-truth"]
+    assert arm["runs"] == ["ground-truth-seed1", "ground-truth-seed2"] and arm["ti_nll"]["sd"] is not None
+    shown = (out / "results.md").read_text()
+    assert "spread across seeds" in shown and "Step times" in shown and "Checkpoint evaluated" in shown
+
+
+def test_the_evaluated_checkpoint_is_the_epoch_of_lowest_validation_gold_nll(gsm8k_experiment):
+    out = gsm8k_experiment
+    for label in ("ground-truth-seed1", "ground-truth-seed2", "stm-tau2.5-seed1"):
+        choice = json.loads((out / "models" / label / "checkpoint.json").read_text())
+        nll = {name: c["gold_nll"] for name, c in choice["checkpoints"].items()}
+        assert len(nll) == 2 and choice["chosen"] == min(nll, key=nll.get)
+        assert sorted(p.name for p in (out / "models" / label).glob("checkpoint-*/")) == [choice["chosen"]]
+        marker = json.loads((out / "steps" / f"eval--{label}.json").read_text())
+        assert marker["options"]["model"] == str(out / "models" / label / choice["chosen"])
+        # The choice read validation rows only: none of them is trained on or evaluated.
+        validation = set(pl.read_parquet(out / "validation" / label / choice["chosen"] / "gsm8k.parquet")["id"])
+        tested = set(pl.read_parquet(out / "evals" / label / "gsm8k.parquet")["id"])
+        trained = set(pl.read_ndjson(out / "data" / "train.jsonl")["id"])
+        assert validation and not validation & tested and not validation & trained
+
+
+def test_the_masked_tokens_are_described_by_kind(gsm8k_experiment):
+    out = gsm8k_experiment
+    found = json.loads((out / "results.json").read_text())["diagnostics"]["stm-tau2.5"]
+    stats = json.loads((out / "exports" / "stm-tau2.5.stats.json").read_text())
+    assert found["masked_tokens"] == stats["masked_tokens"] and found["target_tokens"] == stats["target_tokens"]
+    assert sum(found["masked_share"].values()) == pytest.approx(1.0)
+    assert found["target_share"]["calculator"] > 0 and found["top"]
+
+
+def test_the_report_shows_seeds_and_what_was_masked(gsm8k_experiment, tmp_path):
+    run_curate("report", gsm8k_experiment, "-o", tmp_path / "report.html")
+    page = (tmp_path / "report.html").read_text()
+    for element in ("experiment-seeds", "experiment-masked", "experiment-nll"):
+        assert f'id="{element}"' in page
