@@ -59,15 +59,21 @@ def _runs(mask):
     return runs
 
 
-def test_reasoning_and_tool_rows_score_and_export_with_the_labels_the_model_must_generate(tiny_qwen3, tmp_path):
-    from transformers import AutoTokenizer
-
-    data = tmp_path / "rows.jsonl"
+@pytest.fixture(scope="module")
+def scored_and_exported(tiny_qwen3, tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("e2e")
+    data = root / "rows.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
-    scored, train = tmp_path / "scored", tmp_path / "train.jsonl"
+    scored, train = root / "scored", root / "train.parquet"
     run_curate("score", data, "-o", scored, "--model", tiny_qwen3, "--backend", "hf", "--dtype", "float32", "--quiet")
     run_curate("export", scored, "-o", train, "--mode", "ground-truth", "--quiet")
+    return scored, train
 
+
+def test_reasoning_and_tool_rows_score_and_export_with_the_labels_the_model_must_generate(tiny_qwen3, scored_and_exported):
+    from transformers import AutoTokenizer
+
+    scored, train = scored_and_exported
     manifest = json.loads((scored / "manifest.json").read_text())
     assert manifest["meta"]["targets"]["reasoning"] == "keep"
     tokenizer = AutoTokenizer.from_pretrained(tiny_qwen3)
@@ -81,8 +87,30 @@ def test_reasoning_and_tool_rows_score_and_export_with_the_labels_the_model_must
         spans = [tokenizer.decode(row["input_ids"][a:b]) for a, b in _runs(row["target"])]
         assert spans == TRAINED[name], name
         assert [row["input_ids"][i] for i, e in enumerate(row["end_of_turn"]) if e] == [151645] * len(spans)
-    for line in train.read_text().splitlines():
-        example = json.loads(line)
+    for example in pq.read_table(train).to_pylist():
         row = rows[example["id"]]
         assert example["input_ids"] == row["input_ids"]
         assert example["labels"] == [t if keep else -100 for t, keep in zip(row["input_ids"], row["target"])]
+
+
+@pytest.mark.slow
+def test_axolotl_prepares_exactly_the_exported_labels_and_trains_on_them(tiny_qwen3, scored_and_exported, tmp_path):
+    """The CPU recipe, with the tiny Qwen3 as its base model: Axolotl's prepared labels are ours."""
+    import datasets
+
+    from test_finetune import CPU_RECIPE, _axolotl
+    from curate.recipes import prepare_recipe
+
+    _, train = scored_and_exported
+    output_dir = tmp_path / "run"
+    config = prepare_recipe(CPU_RECIPE, train, {"OUTPUT_DIR": str(output_dir), "MAX_STEPS": "2",
+                                                "BASE_MODEL": str(tiny_qwen3)}, tmp_path / "config.yml")
+    _axolotl("axolotl", "preprocess", config, cwd=tmp_path)
+    prepared_dir = next(p.parent for p in (output_dir / "prepared").rglob("state.json"))
+    prepared = {row["id"]: row for row in datasets.load_from_disk(str(prepared_dir))}
+    exported = {row["id"]: row for row in pq.read_table(train).to_pylist()}
+    assert prepared.keys() == exported.keys() == set(TRAINED)
+    for key, row in exported.items():
+        assert prepared[key]["input_ids"] == row["input_ids"] and prepared[key]["labels"] == row["labels"]
+    _axolotl("axolotl", "train", config, cwd=tmp_path)
+    assert list(output_dir.glob("checkpoint-*/trainer_state.json"))
