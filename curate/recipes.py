@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from curate.export import stats_path
+from curate.store import refuse_overlap, write_atomic
 
 _PLACEHOLDER = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)(?::-([^}]*))?\}")
 
@@ -93,7 +94,9 @@ def prepare_recipe(recipe: Path, data: Path, variables: dict[str, str], output: 
     if check:
         check_base_model(str(config["base_model"]), data, allow_other_model)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(rendered)
+    for source in (recipe, data):  # the filled-in config never replaces the recipe or the data
+        refuse_overlap(source, output)
+    write_atomic(output, rendered.encode())
     return output
 
 

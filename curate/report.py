@@ -15,7 +15,7 @@ import numpy as np
 
 from curate import masking
 from curate.stats import ppl_histogram, scored_stats, surprising_tokens
-from curate.store import open_scored
+from curate.store import open_scored, refuse_overlap, write_atomic
 from curate.view import TokenView, band_of, bands, select_examples, spread_indices, token_views
 
 CHARTS = ("token-ppl", "response-ppl", "threshold-curve")  # element ids, checked by the tests
@@ -82,7 +82,9 @@ def _scored_sections(scored_dirs: list[Path], tokenizers: list, threshold: float
 def write_report(scored_dirs: list[Path], output: Path, tokenizers: list, **options) -> Path:
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(build_report(scored_dirs, tokenizers, **options), encoding="utf-8")
+    for directory in scored_dirs:
+        refuse_overlap(directory, output)
+    write_atomic(output, build_report(scored_dirs, tokenizers, **options).encode("utf-8"))
     return output
 
 

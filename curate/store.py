@@ -148,7 +148,9 @@ def _fsync_directory(directory: Path) -> None:
         os.close(descriptor)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a whole file under a temporary name and rename it into place: a reader, or a crash,
+    never sees half of it."""
     partial = path.with_name(path.name + ".partial")
     with open(partial, "wb") as handle:
         handle.write(data)
@@ -241,14 +243,14 @@ class ShardWriter:
         rejects = self.directory / REJECTS
         if rejects.exists():
             lines = rejects.read_bytes().splitlines(keepends=True)
-            _write_atomic(rejects, b"".join(sorted(lines, key=lambda line: json.loads(line).get("row", -1))))
+            write_atomic(rejects, b"".join(sorted(lines, key=lambda line: json.loads(line).get("row", -1))))
         self.manifest.complete = True
         self.manifest.summary = summary
         self._save_manifest()
         (self.directory / JOURNAL).unlink(missing_ok=True)
 
     def _save_manifest(self) -> None:
-        _write_atomic(self.directory / MANIFEST, json.dumps(self.manifest.to_json(), indent=1).encode())
+        write_atomic(self.directory / MANIFEST, json.dumps(self.manifest.to_json(), indent=1).encode())
 
     def _discard_unrecorded(self, manifest: Manifest) -> None:
         recorded = {shard["file"] for shard in manifest.shards}
