@@ -133,6 +133,15 @@ class ChatTokenizer:
         self._row = threading.local()
         self.end_of_turn_tokens, self.end_of_turn_id = self._find_end_of_turn()
 
+    def __getstate__(self) -> dict:
+        """Picklable (a Ray replica prepares its own rows): the lock and the per-thread row are not state."""
+        return {key: value for key, value in self.__dict__.items() if key not in ("_lock", "_row")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        self._row = threading.local()
+
     @property
     def end_of_turn_token(self) -> str:
         return self.tokenizer.convert_ids_to_tokens(self.end_of_turn_id)
@@ -246,8 +255,10 @@ class ChatTokenizer:
             if how == "fields" and not any(p.kind == "reasoning" and p.index == last for p in pieces):
                 continue  # the template ignores the reasoning fields
             after = _split_at(pieces, len(prompt_text))[1]
-            if how == "literal" and not any(p.index == last and p.kind == "content" for p in after):
-                continue
+            if how == "literal":
+                located = [k for k, p in enumerate(after) if p.index == last and p.kind == "content"]
+                if not located or "</think>" in _text(after[:located[0]]):
+                    continue  # the trace left out, or put after a think block of the template's own
             state = "trained" if keep else ("dropped" if reasoning is not None else "none")
             return self._finish(row, message, prompt, after, last, len(prompt_text), state, tool_calls)
         if think_open or _THINK_CLOSED_AT_END.search(prompt_text):
@@ -259,6 +270,11 @@ class ChatTokenizer:
                                     think_open.group(1) if think_open else None, tools, tool_calls, reasoning is not None)
         if refusal is not None:
             raise refusal
+        if keep:
+            raise RowError(row, "the chat template neither takes this turn's reasoning (as `reasoning_content`, "
+                                "`thinking` or a think block) nor opens a think block for it, so the trace cannot be "
+                                "trained as the model would write it (--reasoning drop trains the answer)",
+                           field=f"messages[{last}]")
         hint = " (try --system-prompt merge)" if any(m["role"] == "system" for m in conversation) else ""
         raise RowError(row, "the chat template renders the conversation before this turn differently once the "
                             "conversation goes on, so the model would be trained on a context it never answers "
@@ -317,8 +333,8 @@ class ChatTokenizer:
             context = [self._for_template(m, reasoning=self.reasoning == "keep") for m in conversation[:index]]
             prompt = self.render(context, add_generation_prompt=True, row=row, tools=tools)
             if not text.startswith(prompt) or len(prompt) > limit:
-                if _THINK_OPEN_AT_END.search(prompt):
-                    raise RowError(row, "the chat template opens a think block for each answer but renders earlier "
+                if _THINK_OPEN_AT_END.search(prompt) or _THINK_CLOSED_AT_END.search(prompt):
+                    raise RowError(row, "the chat template puts a think block before each answer but renders earlier "
                                         "answers without it, so this earlier turn cannot be trained in the context "
                                         "the model answers it in (pass --train-turns last: earlier turns are then "
                                         "context)", field=f"messages[{index}]")
@@ -729,12 +745,14 @@ def split_reasoning(message: dict) -> tuple[str | None, str, str]:
                       and message[k]), None)
     if reasoning is not None:
         return reasoning, content, f"<think>\n{reasoning.strip(chr(10))}\n</think>\n\n{content.lstrip(chr(10))}"
+    # The separator after `</think>` belongs to the trace as written; a template given the
+    # answer alone puts its own.
     block = _THINK_BLOCK.match(content)
     if block:
-        return block.group(1).strip("\n"), block.group(2), content
+        return block.group(1).strip("\n"), block.group(2).lstrip("\n"), content
     closed = _THINK_CLOSE.match(content)
     if closed and "<think>" not in content:  # the opening marker was the generation prompt's
-        return closed.group(1).strip("\n"), closed.group(2), "<think>\n" + content.lstrip("\n")
+        return closed.group(1).strip("\n"), closed.group(2).lstrip("\n"), "<think>\n" + content.lstrip("\n")
     return None, content, content
 
 

@@ -301,3 +301,40 @@ def test_preview_shows_each_trained_span_with_its_end_and_handling(load, tmp_pat
     render_preview(items, chat, Console(file=out, color_system=None, width=200))
     shown = out.getvalue()
     assert "--reasoning keep" in shown and "trained: messages[3]" in shown and "ends with '<|call|>'" in shown
+
+
+# ---------------------------------------------------------------- every fetched template, every kind of row
+
+KINDS = {
+    "plain": {"messages": [_u("Hi"), _a("Hello there.")]},
+    "system": {"messages": [{"role": "system", "content": "Be brief."}, _u("Hi"), _a("Hello.")]},
+    "multi": {"messages": [_u("Hi"), _a("Hello."), _u("Again"), _a("Bye.")]},
+    "leading_newlines": {"messages": [_u("Hi"), _a("\n\nHello.")]},
+    "think": {"messages": [_u("Is 7 prime?"), _a(TRACE)]},
+    "tool": TOOL_ROW,
+}
+
+
+@pytest.mark.parametrize("family", fetch_tokenizers.ALL_FAMILIES)
+def test_every_row_is_trained_after_its_own_generation_prompt_or_rejected_with_a_reason(load, family):
+    """On each fetched template: a row is a reject (RowError, never another error), or its last
+    trained turn starts right after the template's generation prompt, tokenized on its own, and
+    every trained turn ends with one of the template's end-of-turn tokens."""
+    chat = load(family)
+    for kind, record in KINDS.items():
+        example = normalise(0, copy.deepcopy(record))
+        try:
+            encoded = chat.encode(0, example.messages)
+        except RowError as error:
+            assert error.reason, (family, kind)
+            continue
+        last = encoded.turns[-1]["message"]
+        context = [chat._for_template(m, reasoning=True) for m in example.messages[:last]]
+        prompt = own_ids(chat, chat.render(context, add_generation_prompt=True, tools=example.messages[0].get("tools")
+                                           and WEATHER))
+        start = encoded.turns[-1]["tokens"][0]
+        assert encoded.input_ids[:len(prompt)] == prompt and start == len(prompt), (family, kind)
+        for turn in encoded.turns:
+            end_token = chat.tokenizer.convert_ids_to_tokens(encoded.input_ids[turn["tokens"][1] - 1])
+            assert end_token == turn["end_of_turn"] and end_token in chat.end_of_turn_tokens, (family, kind)
+        assert sum(encoded.end_of_turn) == len(encoded.turns)
