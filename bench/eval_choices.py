@@ -27,6 +27,7 @@ from curate.evaluate import task_file
 from curate.models import load_tokenizer, resolve_model
 from curate.tokenize import ChatTokenizer
 
+
 def option_groups(task: str, rows: int, chat: ChatTokenizer) -> list[list[list[int]]]:
     """What `curate eval` scores for each of the first `rows` rows: every option as the answer, then the gold answer."""
     groups = []

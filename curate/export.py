@@ -233,8 +233,8 @@ class _Batch:
 Reason = tuple[str, str]  # (short code for the counts, sentence for the dropped file)
 
 
-def _write_batch(batch: _Batch, keep: np.ndarray, options: ExportOptions, writer: "_TrainingWriter",
-                 totals: "_Totals", choice: "SelfOutputChoice | None" = None) -> int:
+def _write_batch(batch: _Batch, keep: np.ndarray, options: ExportOptions, writer: _TrainingWriter,
+                 totals: _Totals, choice: SelfOutputChoice | None = None) -> int:
     """Write the examples of `batch` that pass `_row_filter`, list the others as dropped, and
     count both; returns how many were written."""
     rows_kept, reasons = _row_filter(batch, keep, options, choice)
@@ -245,11 +245,11 @@ def _write_batch(batch: _Batch, keep: np.ndarray, options: ExportOptions, writer
 
 
 def _row_filter(batch: _Batch, keep: np.ndarray, options: ExportOptions,
-                choice: "SelfOutputChoice | None" = None) -> tuple[np.ndarray, list[Reason | None]]:
+                choice: SelfOutputChoice | None = None) -> tuple[np.ndarray, list[Reason | None]]:
     """Which examples are written, and the reason for each one that is not."""
     trained = batch.per_example(keep)
     ppl = batch.table.column("ppl").to_numpy(zero_copy_only=False)
-    ids, rows = batch.table.column("id").to_pylist(), batch.table.column("row").to_pylist()
+    rows = batch.table.column("row").to_pylist()
     reasons: list[Reason | None] = []
     for i in range(batch.table.num_rows):
         if choice is not None and rows[i] not in choice.chosen_rows:
@@ -368,7 +368,7 @@ def _generation_input(scored_dir: Path) -> dict | None:
 
 
 def _write_ground_truth(scored_dir: Path, choice: SelfOutputChoice, fingerprint: str, options: ExportOptions,
-                        writer: "_TrainingWriter", totals: "_Totals") -> int:
+                        writer: _TrainingWriter, totals: _Totals) -> int:
     """Append the ground-truth rows of the unanswered prompts (every target token trained),
     matched by source row: the ground truth must be the scored set of the input that was answered."""
     manifest, shards = open_scored(scored_dir)

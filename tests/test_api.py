@@ -4,7 +4,15 @@ import pyarrow.parquet as pq
 
 
 def test_score_and_export_through_the_public_names(tmp_path, sample_path, model_dir):
-    from curate import ChatTokenizer, EngineSettings, ExportOptions, export_training_set, load_tokenizer, make_engine, score_dataset
+    from curate import (
+        ChatTokenizer,
+        EngineSettings,
+        ExportOptions,
+        export_training_set,
+        load_tokenizer,
+        make_engine,
+        score_dataset,
+    )
 
     source = tmp_path / "four.jsonl"
     source.write_text("\n".join(sample_path.read_text().splitlines()[:4]) + "\n")

@@ -87,10 +87,10 @@ def tiny_models(family_tokenizers_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def scored_families(tiny_models, cases_path, tmp_path_factory):
     """The cases scored by `curate score --backend hf` on each family's tiny model."""
-    from curate.models import load_tokenizer
-    from curate.score import score_dataset
     from curate.engines.base import EngineSettings
     from curate.engines.hf import HFEngine
+    from curate.models import load_tokenizer
+    from curate.score import score_dataset
     from curate.tokenize import ChatTokenizer
 
     root = tmp_path_factory.mktemp("scored-families")

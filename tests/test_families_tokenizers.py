@@ -6,7 +6,7 @@ original Hugging Face tokenizers gave them, and each family's published special-
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -42,7 +42,7 @@ SPECIAL_IDS = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def load(folder: Path):
     from transformers import AutoTokenizer
 

@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import run_curate
-from curate.export import ExportOptions, export
 from curate.data import normalise, read_records
 from curate.engines.base import SamplingOptions
+from curate.export import ExportOptions, export
 from curate.generate import GENERATED_SCHEMA, generate_dataset, prompt_of
 from curate.store import StoreError, read_manifest
 

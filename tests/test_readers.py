@@ -70,7 +70,7 @@ def test_a_non_utf8_line_is_one_reject_with_its_row(tmp_path):
     assert all(not isinstance(record, RowError) for row, record in records if row != 2)
 
     table = tmp_path / "mixed.csv"
-    table.write_bytes("instruction,output\nWhat?,fine\n".encode() + "Qué?,olé\n".encode("latin-1") + b"Why?,ok\n")
+    table.write_bytes(b"instruction,output\nWhat?,fine\n" + "Qué?,olé\n".encode("latin-1") + b"Why?,ok\n")
     records = list(read_records(table))
     assert [isinstance(record, RowError) for _, record in records] == [False, True, False]
     assert records[1][1].row == 1 and "not UTF-8" in records[1][1].reason

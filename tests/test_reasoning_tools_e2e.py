@@ -98,8 +98,8 @@ def test_axolotl_prepares_exactly_the_exported_labels_and_trains_on_them(tiny_qw
     """The CPU recipe, with the tiny Qwen3 as its base model: Axolotl's prepared labels are ours."""
     import datasets
 
-    from test_finetune import CPU_RECIPE, _axolotl
     from curate.recipes import prepare_recipe
+    from test_finetune import CPU_RECIPE, _axolotl
 
     _, train = scored_and_exported
     output_dir = tmp_path / "run"

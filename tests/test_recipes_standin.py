@@ -63,10 +63,10 @@ class StandInRun:
 @pytest.fixture(scope="module")
 def stand_in_runs(tmp_path_factory, family_tokenizers_dir, sample_path):
     """recipe -> its StandInRun, trained on first use and kept for the module."""
-    from curate.models import load_tokenizer
-    from curate.score import score_dataset
     from curate.engines.base import EngineSettings
     from curate.engines.hf import HFEngine
+    from curate.models import load_tokenizer
+    from curate.score import score_dataset
     from curate.tokenize import ChatTokenizer
 
     rows = tmp_path_factory.mktemp("standin") / "sample-8.jsonl"

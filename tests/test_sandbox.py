@@ -13,8 +13,15 @@ import pytest
 
 import curate.sandbox
 from curate.sandbox import (
-    TAIL_BYTES, Limits, SandboxUnavailable, SandboxUnavailableWarning, cgroup_kind, run_python, sandbox_available,
-    sandbox_uids)
+    TAIL_BYTES,
+    Limits,
+    SandboxUnavailable,
+    SandboxUnavailableWarning,
+    cgroup_kind,
+    run_python,
+    sandbox_available,
+    sandbox_uids,
+)
 
 pytestmark = pytest.mark.skipif(not sandbox_available(), reason="bubblewrap cannot start here: run `make sandbox`")
 

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import run_curate
-from curate.export import ExportOptions, dropped_path, export
 from curate.engines.base import SamplingOptions
+from curate.export import ExportOptions, dropped_path, export
 from curate.generate import generate_dataset
 from curate.score import score_dataset
 from curate.store import StoreError, read_manifest

@@ -7,7 +7,16 @@ import pytest
 
 from curate.sandbox import SandboxUnavailable, SandboxUnavailableWarning
 from curate.verify import (
-    check_code, check_exact, check_math, checker_for, extract_code, final_answer, parse_number, verify, verify_all)
+    check_code,
+    check_exact,
+    check_math,
+    checker_for,
+    extract_code,
+    final_answer,
+    parse_number,
+    verify,
+    verify_all,
+)
 
 
 @pytest.mark.parametrize(
