@@ -93,7 +93,7 @@ class _Turn:
     start: int  # character where the model starts generating (end of its generation prompt)
     end: int  # character after its end-of-turn token
     end_token: str
-    reasoning: str  # trained, context, dropped, none
+    reasoning: str  # trained (the trace is a target), dropped (--reasoning drop), none (the turn has none)
     tool_calls: int
 
 
@@ -404,6 +404,7 @@ class ChatTokenizer:
                 pieces = self._layout(0, probe)
             except RowError:
                 continue
+            self._markers.check(_text(pieces), "the chat template's probe conversation")
             for k, piece in enumerate(pieces):
                 if piece.kind == "content" and probe[piece.index]["role"] == "assistant" and k + 1 < len(pieces):
                     match = self._markers.pattern.match(pieces[k + 1].text)
