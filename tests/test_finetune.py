@@ -14,7 +14,9 @@ from curate.recipes import RecipeError, prepare_recipe, render_recipe, usage_aft
 
 AXOLOTL_BIN = ROOT / ".venv-axolotl" / "bin"
 CPU_RECIPE = ROOT / "recipes" / "axolotl" / "smollm2-135m-instruct" / "stm.yml"
-GPU_RECIPES = sorted(p for p in (ROOT / "recipes" / "axolotl").glob("*/*.yml") if p.parent.name != "smollm2-135m-instruct")
+GPU_RECIPES = sorted(
+    p for p in (ROOT / "recipes" / "axolotl").glob("*/*.yml") if p.parent.name != "smollm2-135m-instruct"
+)
 AXOLOTL_ENV = {"AXOLOTL_DO_NOT_TRACK": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
 
 
@@ -23,8 +25,12 @@ def _axolotl(*args, cwd: Path) -> subprocess.CompletedProcess:
     import os
 
     env = {**os.environ, **AXOLOTL_ENV, "PATH": f"{AXOLOTL_BIN}:{os.environ['PATH']}"}
-    result = subprocess.run([str(AXOLOTL_BIN / args[0]), *map(str, args[1:])], cwd=cwd, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(map(str, args))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    result = subprocess.run(
+        [str(AXOLOTL_BIN / args[0]), *map(str, args[1:])], cwd=cwd, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, (
+        f"{' '.join(map(str, args))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
     return result
 
 
@@ -50,14 +56,24 @@ def test_a_recipe_whose_base_model_tokenizes_differently_is_refused(tmp_path, st
     tokenizer.save_pretrained(other)
     with pytest.raises(RecipeError, match="another tokenizer"):
         prepare_recipe(CPU_RECIPE, stm_export, {"BASE_MODEL": str(other)}, tmp_path / "c.yml")
-    refused = run_curate("check-recipe", CPU_RECIPE, "--data", stm_export, "-o", tmp_path / "c.yml",
-                         "--var", f"BASE_MODEL={other}", check=False)
+    refused = run_curate(
+        "check-recipe",
+        CPU_RECIPE,
+        "--data",
+        stm_export,
+        "-o",
+        tmp_path / "c.yml",
+        "--var",
+        f"BASE_MODEL={other}",
+        check=False,
+    )
     assert refused.returncode == 1 and "another tokenizer" in refused.stderr
 
 
 def test_after_training_make_finetune_says_where_the_model_is_and_how_to_score_with_it(tmp_path, stm_export):
-    lora = prepare_recipe(GPU_RECIPES[0], stm_export, {"OUTPUT_DIR": str(tmp_path / "lora")}, tmp_path / "lora.yml",
-                          check=False)
+    lora = prepare_recipe(
+        GPU_RECIPES[0], stm_export, {"OUTPUT_DIR": str(tmp_path / "lora")}, tmp_path / "lora.yml", check=False
+    )
     usage = usage_after_training(lora)
     assert f"{tmp_path / 'lora'}/adapter_model.safetensors" in usage
     assert f"axolotl merge-lora {lora}" in usage and f"--model {tmp_path / 'lora' / 'merged'}" in usage
@@ -75,8 +91,16 @@ def test_the_axolotl_environment_reports_its_versions(tmp_path):
 
 @pytest.mark.slow
 def test_every_gpu_recipe_passes_axolotls_own_schema(tmp_path, stm_export):
-    configs = [prepare_recipe(recipe, stm_export, {"OUTPUT_DIR": str(tmp_path / "o")},
-                              tmp_path / f"{recipe.parent.name}-{recipe.stem}.yml", check=False) for recipe in GPU_RECIPES]
+    configs = [
+        prepare_recipe(
+            recipe,
+            stm_export,
+            {"OUTPUT_DIR": str(tmp_path / "o")},
+            tmp_path / f"{recipe.parent.name}-{recipe.stem}.yml",
+            check=False,
+        )
+        for recipe in GPU_RECIPES
+    ]
     assert len(configs) == 9
     result = _axolotl("python", ROOT / "recipes" / "axolotl" / "validate.py", *configs, cwd=tmp_path)
     assert result.stdout.count("ok ") == 9
@@ -90,7 +114,9 @@ def test_every_gpu_recipe_passes_axolotls_own_schema(tmp_path, stm_export):
 @pytest.mark.slow
 def test_axolotl_trains_on_the_stm_export_on_cpu(tmp_path, stm_export, sample_path):
     output_dir = tmp_path / "run"
-    config = prepare_recipe(CPU_RECIPE, stm_export, {"OUTPUT_DIR": str(output_dir), "MAX_STEPS": "10"}, tmp_path / "config.yml")
+    config = prepare_recipe(
+        CPU_RECIPE, stm_export, {"OUTPUT_DIR": str(output_dir), "MAX_STEPS": "10"}, tmp_path / "config.yml"
+    )
 
     # (a) What Axolotl prepared carries exactly our labels: masked tokens stay -100.
     _axolotl("axolotl", "preprocess", config, cwd=tmp_path)
@@ -102,8 +128,10 @@ def test_axolotl_trains_on_the_stm_export_on_cpu(tmp_path, stm_export, sample_pa
         assert prepared[key]["input_ids"] == row["input_ids"]
         assert prepared[key]["labels"] == row["labels"]
     # Some response tokens are masked inside answers (a -100 after the first trained token).
-    assert any(-100 in labels[next(i for i, t in enumerate(labels) if t != -100):]
-               for labels in (row["labels"] for row in exported.values()))
+    assert any(
+        -100 in labels[next(i for i, t in enumerate(labels) if t != -100) :]
+        for labels in (row["labels"] for row in exported.values())
+    )
 
     # (b) Training runs, and the loss is finite and falls.
     _axolotl("axolotl", "train", config, cwd=tmp_path)
@@ -115,6 +143,7 @@ def test_axolotl_trains_on_the_stm_export_on_cpu(tmp_path, stm_export, sample_pa
     # (c) The trained model loads, and curate scores with it.
     few = tmp_path / "few.jsonl"
     few.write_text("\n".join(sample_path.read_text().splitlines()[:6]) + "\n")
-    summary = json.loads(run_curate("score", few, "-o", tmp_path / "rescored", "--model", output_dir,
-                                    "--backend", "hf", "--json").stdout)
+    summary = json.loads(
+        run_curate("score", few, "-o", tmp_path / "rescored", "--model", output_dir, "--backend", "hf", "--json").stdout
+    )
     assert summary["rows_scored"] == 6 and math.isfinite(summary["token_ppl"])

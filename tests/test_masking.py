@@ -1,11 +1,12 @@
 """Masking policies as pure functions: properties checked with hypothesis, no model needed."""
 
-import math
-
 import numpy as np
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from curate import masking
+
+pytestmark = pytest.mark.fast
 
 # A batch of examples as flat token buffers, the way Arrow stores list columns.
 logprob = st.one_of(st.none(), st.floats(min_value=-30, max_value=0, allow_nan=False))
@@ -15,7 +16,9 @@ logprob = st.one_of(st.none(), st.floats(min_value=-30, max_value=0, allow_nan=F
 def token_batches(draw):
     lengths = draw(st.lists(st.integers(min_value=1, max_value=30), min_size=1, max_size=8))
     n = sum(lengths)
-    logprobs = np.array([np.nan if v is None else v for v in draw(st.lists(logprob, min_size=n, max_size=n))], dtype=np.float32)
+    logprobs = np.array(
+        [np.nan if v is None else v for v in draw(st.lists(logprob, min_size=n, max_size=n))], dtype=np.float32
+    )
     target = np.array(draw(st.lists(st.booleans(), min_size=n, max_size=n)))
     protected = target & np.array(draw(st.lists(st.booleans(), min_size=n, max_size=n)))
     offsets = np.concatenate([[0], np.cumsum(lengths)])
@@ -33,9 +36,11 @@ def test_threshold_masks_exactly_the_tokens_above_tau():
 @given(token_batches(), st.floats(min_value=1.0, max_value=50.0))
 def test_labels_are_a_subset_of_target_tokens(batch, threshold):
     logprobs, target, protected, offsets = batch
-    for keep in (masking.threshold_keep(logprobs, target, threshold),
-                 masking.per_sample_keep(logprobs, target, protected, offsets, 0.3),
-                 masking.cutoff_keep(logprobs, target, protected, *masking.ratio_cutoff(-logprobs[target & ~protected], 0.3))[0]):
+    for keep in (
+        masking.threshold_keep(logprobs, target, threshold),
+        masking.per_sample_keep(logprobs, target, protected, offsets, 0.3),
+        masking.cutoff_keep(logprobs, target, protected, *masking.ratio_cutoff(-logprobs[target & ~protected], 0.3))[0],
+    ):
         assert not (keep & ~target).any()
 
 
@@ -60,7 +65,6 @@ def test_mask_ratio_masks_within_one_token_of_r_across_batches(batch, ratio, pie
         masked += int((target[start:end] & ~keep).sum())
     scored = int(np.isfinite(maskable_nll).sum())
     assert abs(masked - ratio * scored) <= 1
-    # ... and the masked ones are the most surprising: none kept is above a masked one.
 
 
 @given(token_batches(), st.floats(min_value=0, max_value=1))
@@ -95,4 +99,8 @@ def test_protected_tokens_stay_trained_whatever_their_perplexity():
 
 
 def test_default_threshold_is_the_papers():
-    assert masking.DEFAULT_THRESHOLD == 2.5 and math.isclose(1 / masking.DEFAULT_THRESHOLD, 0.4)
+    """τ = 2.5, i.e. the paper's p < 0.4: without a threshold given, a target token the model gives
+    probability 0.41 stays trained and one it gives 0.39 is masked."""
+    logprobs = np.log(np.array([0.41, 0.39], dtype=np.float64)).astype(np.float32)
+    assert masking.DEFAULT_THRESHOLD == 2.5
+    assert masking.threshold_keep(logprobs, np.array([True, True])).tolist() == [True, False]

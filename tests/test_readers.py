@@ -12,6 +12,8 @@ import pytest
 
 from curate.data import Fields, InputError, RowError, check_input, normalise, read_records
 
+pytestmark = pytest.mark.fast
+
 CHAT = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "2 + 2 = 4."}]
 ROWS = [{"id": f"r{i}", "messages": [CHAT[0], {"role": "assistant", "content": f"answer {i}"}]} for i in range(5)]
 

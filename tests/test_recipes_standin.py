@@ -80,15 +80,24 @@ def stand_in_runs(tmp_path_factory, family_tokenizers_dir, sample_path):
         root = tmp_path_factory.mktemp(recipe)
         model_dir = build_tiny_model(family_tokenizers_dir / family, family, root / "model")
         tokenizer = load_tokenizer(model_dir)
-        score_dataset(rows, root / "scored", HFEngine(model_dir, EngineSettings(dtype="float32")),
-                      ChatTokenizer(tokenizer, max_length=4096, system_prompt=system_prompt),
-                      model_name=str(model_dir), model_dir=model_dir)
+        score_dataset(
+            rows,
+            root / "scored",
+            HFEngine(model_dir, EngineSettings(dtype="float32")),
+            ChatTokenizer(tokenizer, max_length=4096, system_prompt=system_prompt),
+            model_name=str(model_dir),
+            model_dir=model_dir,
+        )
         # A random model finds every token surprising: mask a share (the paper's best, ~25%) instead of τ.
         data = root / "train-stm.parquet"
         export(root / "scored", data, ExportOptions(mode="stm", mask_ratio=0.25, max_length=4096), tokenizer)
         output_dir = root / "run"
-        shipped = prepare_recipe(RECIPES / recipe / "stm.yml", data,
-                                 {"BASE_MODEL": str(model_dir), "OUTPUT_DIR": str(output_dir)}, root / "shipped.yml")
+        shipped = prepare_recipe(
+            RECIPES / recipe / "stm.yml",
+            data,
+            {"BASE_MODEL": str(model_dir), "OUTPUT_DIR": str(output_dir)},
+            root / "shipped.yml",
+        )
         settings = yaml.safe_load(shipped.read_text())
         config = root / "cpu.yml"
         config.write_text(yaml.safe_dump({**settings, **CPU_OVERRIDES}, sort_keys=False))
@@ -161,6 +170,7 @@ def test_the_trained_adapter_merges_and_scores_as_make_finetune_says(stand_in_ru
     changed = {name.rsplit(".", 2)[-2] for name in base if not torch.equal(base[name], tuned[name])}
     assert changed == LINEAR_LAYERS
 
-    summary = json.loads(run_curate("score", run.rows, "-o", tmp_path / "scored", "--model", merged,
-                                    "--backend", "hf", "--json").stdout)
+    summary = json.loads(
+        run_curate("score", run.rows, "-o", tmp_path / "scored", "--model", merged, "--backend", "hf", "--json").stdout
+    )
     assert summary["rows_scored"] == 8 and math.isfinite(summary["token_ppl"])

@@ -19,6 +19,7 @@ from curate.verify import (
 )
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("answer", "reference"),
     [
@@ -36,6 +37,7 @@ def test_math_answers_that_verify(answer, reference):
     assert check_math(answer, reference).verified is True
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("answer", "reference", "why"),
     [
@@ -52,6 +54,7 @@ def test_math_answers_that_must_not_verify(answer, reference, why):
     assert verdict.verified is False and why in verdict.reason
 
 
+@pytest.mark.fast
 def test_final_answer_and_number_parsing():
     assert final_answer("a \\boxed{\\frac{1}{2}} b") == "\\frac{1}{2}"
     assert final_answer("steps...\n#### 42\nextra") == "42"
@@ -59,11 +62,13 @@ def test_final_answer_and_number_parsing():
     assert parse_number("abc") is None and parse_number("1/0") is None
 
 
+@pytest.mark.fast
 def test_exact_match_ignores_case_space_and_end_punctuation():
     assert check_exact("  Paris. ", "paris").verified is True
     assert check_exact("Paris, France", "Paris").verified is False
 
 
+@pytest.mark.fast
 def test_no_checker_or_no_reference_gives_no_verdict():
     assert verify("none", "x", "y").verified is None
     assert verify("math", "#### 3", None).verified is None
@@ -149,6 +154,7 @@ def test_only_python_and_unlabelled_fences_are_code():
     assert extract_code("```python\ndef add(a, b):\n    return a + b\n") == "def add(a, b):\n    return a + b\n"
 
 
+@pytest.mark.fast
 def test_code_without_tests_is_unchecked_not_verified():
     verdict = verify("code", GOOD, "add returns the sum of a and b")
     assert verdict.verified is None and "no unit tests" in verdict.reason
@@ -222,6 +228,7 @@ def test_verify_all_keeps_the_order_of_its_items():
     assert [v.verified for v in verify_all("auto", items, workers=4)] == [True, False, True, None]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("reference", "extra", "checker"),
     [
@@ -247,6 +254,7 @@ def test_auto_checks_a_mixed_dataset_row_by_row():
     assert verify("auto", "Paris.", "Paris").verified is None
 
 
+@pytest.mark.fast
 def test_without_a_sandbox_code_checks_refuse_unless_unsafe(monkeypatch, tmp_path):
     monkeypatch.setenv("CURATE_BWRAP", str(tmp_path / "no-bwrap"))
     with pytest.warns(SandboxUnavailableWarning, match="UNSANDBOXED"), pytest.raises(SandboxUnavailable):

@@ -12,8 +12,10 @@ from importlib.metadata import PackageNotFoundError, version
 
 PACKAGES = ("axolotl", "torch", "transformers", "peft", "bitsandbytes", "flash-attn")
 # PyPI's torch is built for one CUDA version; pytorch.org lists builds for others (Axolotl 0.19.0 takes torch 2.11-2.13).
-TORCH_INDEX_HINT = ("rm -rf .venv-axolotl && make axolotl TORCH_INDEX=https://download.pytorch.org/whl/cu128 "
-                    "(or the cuXYZ build of torch 2.13 that your driver's CUDA version runs)")
+TORCH_INDEX_HINT = (
+    "rm -rf .venv-axolotl && make axolotl TORCH_INDEX=https://download.pytorch.org/whl/cu128 "
+    "(or the cuXYZ build of torch 2.13 that your driver's CUDA version runs)"
+)
 
 
 def installed(package: str) -> str:
@@ -30,12 +32,20 @@ def fail(message: str) -> None:
 
 def check_gpu(torch) -> None:
     if not torch.cuda.is_available():
-        build = (f"its CUDA {torch.version.cuda} build may need a newer driver than this machine's (nvidia-smi says "
-                 "which CUDA version the driver runs)" if torch.version.cuda else "it is a CPU-only build")
-        fail(f"nvidia-smi is here but torch {torch.__version__} sees no GPU: {build}. Install a build the driver runs: "
-             f"{TORCH_INDEX_HINT}")
+        build = (
+            f"its CUDA {torch.version.cuda} build may need a newer driver than this machine's (nvidia-smi says "
+            "which CUDA version the driver runs)"
+            if torch.version.cuda
+            else "it is a CPU-only build"
+        )
+        fail(
+            f"nvidia-smi is here but torch {torch.__version__} sees no GPU: {build}. Install a build the driver runs: "
+            f"{TORCH_INDEX_HINT}"
+        )
     if not torch.cuda.is_bf16_supported():
-        fail(f"{torch.cuda.get_device_name(0)} has no bf16; the GPU recipes train in bf16 (Ampere or newer, e.g. A100, H100)")
+        fail(
+            f"{torch.cuda.get_device_name(0)} has no bf16; the GPU recipes train in bf16 (Ampere or newer, e.g. A100, H100)"
+        )
     import bitsandbytes
 
     # 8192 elements: bitsandbytes keeps 8-bit state only for tensors of at least 4096.
@@ -55,7 +65,9 @@ def check_gpu(torch) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gpu", action="store_true", help="this machine has an NVIDIA GPU: check the recipes can use it")
+    parser.add_argument(
+        "--gpu", action="store_true", help="this machine has an NVIDIA GPU: check the recipes can use it"
+    )
     gpu = parser.parse_args().gpu
     import torch
 

@@ -16,5 +16,7 @@ H100 = {"bf16": True, "fp8": True, "tf32": True, "n_gpu": 1, "compute_capability
 for path in sys.argv[1:]:
     with open(path) as handle:
         config = DictDefault(yaml.safe_load(handle))
-    validated = validate_config(config, capabilities=H100, env_capabilities={"torch_version": torch.__version__.split("+")[0]})
+    validated = validate_config(
+        config, capabilities=H100, env_capabilities={"torch_version": torch.__version__.split("+")[0]}
+    )
     print(f"ok {path}: {validated['base_model']}, adapter={validated.get('adapter')}, lr={validated['learning_rate']}")
