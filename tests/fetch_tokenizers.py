@@ -407,7 +407,7 @@ def deepseek_files(sources: Sources) -> tuple[dict, dict]:
 
     Pitfall: the config names `LlamaTokenizer`, and transformers>=5 then rebuilds the pipeline as a
     SentencePiece-style Metaspace tokenizer around the vocabulary, ignoring tokenizer.json's byte-level
-    pre-tokenizer: "Is 7 prime?" gets [4910, 25, 9344, 33] instead of the model's [4910, 223, 25, 4309, 1240]
+    pre-tokenizer: "Is 7 prime?" gets [4910, 25, 9344, 33] instead of the model's [4910, 223, 25, 4309, 33]
     (transformers 4 loaded the file as is). `PreTrainedTokenizerFast` loads tokenizer.json unchanged.
     """
     tokenizer, config = copy.deepcopy(sources.lenml["deepseek_v3"])

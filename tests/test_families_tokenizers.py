@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import fetch_tokenizers
 from conftest import FAMILIES
 
 # llama.cpp's vocab tests: which golden file checks which family (Qwen2.5 and Qwen3 share one vocabulary).
@@ -102,3 +103,54 @@ def test_mistral_merges_follow_sentencepiece_scores(family_tokenizers_dir):
     tok = load(family_tokenizers_dir / "mistral-7b-instruct-v0.3")
     assert tok.encode("def f():\n    return 1") == [1, 1569, 1053, 6656, 781, 3055, 1372, 29473, 29508]
     assert tok.encode("a  b   c", add_special_tokens=False) == [1032, 29473, 1055, 1027, 1045]
+
+
+# The reasoning, tool-use and per-turn end-of-turn templates' tokenizers (tokenizer + template only).
+TEMPLATE_SPECIAL_IDS = {
+    "deepseek-v3": {"<｜begin▁of▁sentence｜>": 0, "<｜end▁of▁sentence｜>": 1, "<｜User｜>": 128803, "<｜Assistant｜>": 128804,
+                    "<｜tool▁calls▁begin｜>": 128806},
+    "deepseek-r1": {"<｜begin▁of▁sentence｜>": 0, "<｜end▁of▁sentence｜>": 1, "<｜User｜>": 128803, "<｜Assistant｜>": 128804},
+    "qwq-32b": {"<|im_start|>": 151644, "<|im_end|>": 151645, "<think>": 151667, "</think>": 151668},
+    "gpt-oss": {"<|return|>": 200002, "<|channel|>": 200005, "<|start|>": 200006, "<|end|>": 200007,
+                "<|message|>": 200008, "<|call|>": 200012},
+}
+
+
+@pytest.mark.parametrize("family", fetch_tokenizers.TEMPLATE_FAMILIES)
+def test_template_families_special_token_ids(family_tokenizers_dir, family):
+    if not fetch_tokenizers.fetched(family_tokenizers_dir):
+        pytest.fail("the tokenizer cache predates these families: run `make tokenizers`", pytrace=False)
+    tok = load(family_tokenizers_dir / family)
+    expected = TEMPLATE_SPECIAL_IDS[family]
+    assert {token: tok.encode(token, add_special_tokens=False) for token in expected} == {
+        token: [i] for token, i in expected.items()
+    }
+    assert tok.chat_template
+
+
+def test_deepseek_loads_its_tokenizer_json_as_it_is(family_tokenizers_dir):
+    """Named `LlamaTokenizer`, transformers>=5 would rebuild DeepSeek's byte-level BPE as a Metaspace
+    tokenizer: "Is 7 prime?" is [4910, 223, 25, 4309, 33] in its tokenizer.json, not [4910, 25, 9344, 33]."""
+    from tokenizers import Tokenizer
+
+    folder = family_tokenizers_dir / "deepseek-v3"
+    raw = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    assert raw.encode("Is 7 prime?", add_special_tokens=False).ids == [4910, 223, 25, 4309, 33]
+    assert load(folder).encode("Is 7 prime?", add_special_tokens=False) == [4910, 223, 25, 4309, 33]
+
+
+def test_a_tokenizer_loaded_unlike_its_tokenizer_json_is_refused(family_tokenizers_dir, tmp_path):
+    """curate refuses to score with ids that are not the model's, and says how to load it as it is."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from curate.tokenize import ChatTokenizer
+
+    folder = tmp_path / "deepseek-as-llama"
+    shutil.copytree(family_tokenizers_dir / "deepseek-v3", folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "LlamaTokenizer"}))
+    with pytest.raises(ValueError, match="PreTrainedTokenizerFast"):
+        ChatTokenizer(AutoTokenizer.from_pretrained(folder))
