@@ -317,7 +317,7 @@ def run_experiment(config: ExperimentConfig, output: Path, axolotl: str,
     for run in runs:
         reference = _finetune_mode(run, config, model_dir, output, steps, axolotl, reference)
         if config.checkpoint == "best-validation-nll":
-            steps.run(f"choose/{run.label}", {"validation_limit": config.validation_limit, "backend": config.backend},
+            steps.run(f"choose/{run.label}", {"validation_limit": config.validation_limit, "backend": VALIDATION_BACKEND},
                       lambda run=run: choose_checkpoint(config, output, run.label))
 
     tasks = ",".join(f"{task}={held_out[task]}" if task in held_out else task for task in config.eval_tasks)
@@ -511,6 +511,8 @@ def _checkpoints(run_dir: Path) -> list[Path]:
 
 
 CHOICE = "checkpoint.json"  # models/<run>/checkpoint.json: each epoch's validation gold NLL and the chosen one
+# The epoch choice scores a few dozen rows per checkpoint: the HF engine starts in seconds, vLLM in ~30 s on CPU.
+VALIDATION_BACKEND = "hf"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                     "vocab.json", "merges.txt", "generation_config.json")
 
@@ -534,7 +536,7 @@ def choose_checkpoint(config: ExperimentConfig, output: Path, label: str) -> dic
                 shutil.copy(run_dir / name, checkpoint / name)
         folder = output / "validation" / label / checkpoint.name
         run_command(curate_command("eval", checkpoint, "--tasks", f"{config.target}={validation}", "-o", folder,
-                                   "--backend", config.backend, "--gold-nll-only",
+                                   "--backend", VALIDATION_BACKEND, "--gold-nll-only",
                                    *(["--limit", config.validation_limit] if config.validation_limit else [])),
                     output / "logs" / f"validation-{label}.log")
         state = json.loads((checkpoint / "trainer_state.json").read_text()) if (checkpoint / "trainer_state.json").exists() else {}
