@@ -520,7 +520,8 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 def choose_checkpoint(config: ExperimentConfig, output: Path, label: str) -> dict:
     """As the study picks its epoch: the checkpoint of lowest gold-answer NLL on the target task's
     validation split (never its test rows). Each checkpoint gets the tokenizer files so that it loads
-    as a model; the others are deleted once the choice is written to models/<run>/checkpoint.json."""
+    as a model; once the choice is written to models/<run>/checkpoint.json the other checkpoints are
+    deleted, and so are the final weights beside them (the last epoch's checkpoint holds the same)."""
     from curate.evaluate import task_file
 
     run_dir = output / "models" / label
@@ -548,6 +549,8 @@ def choose_checkpoint(config: ExperimentConfig, output: Path, label: str) -> dic
     for checkpoint in checkpoints:
         if checkpoint.name != chosen:
             shutil.rmtree(checkpoint)
+    for weights in run_dir.glob("*.safetensors"):
+        weights.unlink()
     return choice
 
 
