@@ -9,9 +9,11 @@ SAMPLE := curate/samples/sample.jsonl
 
 # Axolotl lives in its own environment: its exact pins conflict with vLLM's.
 AXOLOTL := .venv-axolotl
-RECIPE  ?= recipes/axolotl/smollm2-135m-instruct/stm.yml
+# One recipe per model; the mode is the data: DATA is any `curate export` output, and the run is named after
+# both, out/finetune/<model>-<data>.yml with the model beside it in out/finetune/<model>-<data>/.
+RECIPE  ?= recipes/axolotl/smollm2-135m-instruct.yml
 DATA    ?= $(OUT)/train-stm.parquet
-FT_CONFIG ?= out/finetune/$(notdir $(patsubst %/,%,$(dir $(RECIPE))))-$(basename $(notdir $(RECIPE))).yml
+FT_CONFIG ?= out/finetune/$(basename $(notdir $(RECIPE)))-$(basename $(notdir $(DATA))).yml
 
 # Kept between runs: the de-quantized default model, the tests' chat tokenizers (curate and the tests read it).
 CURATE_CACHE ?= $(HOME)/.cache/curate
@@ -92,7 +94,7 @@ demo: setup sandbox
 	$(BIN)/curate stats $(OUT)/scored $(OUT)/generated-scored
 	$(BIN)/curate report $(OUT)/scored $(OUT)/generated-scored -o $(OUT)/report.html
 
-# Fine-tune with an Axolotl recipe on exported data (default: the demo's STM export, on CPU).
+# Fine-tune with a model's Axolotl recipe on exported data (default: the demo's STM export, on CPU).
 finetune: setup axolotl
 	test -f $(DATA) || $(MAKE) demo
 	$(BIN)/curate check-recipe $(RECIPE) --data $(DATA) -o $(FT_CONFIG)
@@ -117,7 +119,8 @@ experiment: setup axolotl
 # would rewrite nearly every line of the code base).
 FORMATTED := curate/__main__.py curate/errors.py curate/models.py curate/recipes.py \
 	recipes/axolotl/check_install.py recipes/axolotl/validate.py \
-	tests/test_cli.py tests/test_finetune.py tests/test_masking.py tests/test_recipes_standin.py tests/test_verify_choice.py
+	tests/test_cli.py tests/test_finetune.py tests/test_masking.py tests/test_recipes.py tests/test_recipes_standin.py \
+	tests/test_verify_choice.py
 check: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check $(FORMATTED)

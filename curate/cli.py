@@ -740,7 +740,7 @@ def experiment(config_path, output, axolotl):
 @main.command("check-recipe")
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--data", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The exported training file.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Where to write the filled-in config.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Where to write the filled-in config; OUTPUT_DIR defaults to this path without its suffix.")
 @click.option("--var", "variables", multiple=True, metavar="NAME=VALUE", help="Fill a recipe variable (BASE_MODEL, OUTPUT_DIR, MAX_STEPS, ...).")
 @click.option("--no-check", is_flag=True, help="Skip the tokenizer check (when the base model cannot be loaded here).")
 @allow_other_model_option

@@ -1,9 +1,11 @@
 """Fill an Axolotl recipe's variables and check it against the exported data.
 
-Recipes (`recipes/axolotl/<model>/<mode>.yml`) use `${NAME}` and `${NAME:-default}`
-placeholders: DATA (the exported training file), BASE_MODEL, OUTPUT_DIR and a few
-settings. The base model must be the model the data was scored with: token ids only mean
-something under the tokenizer that produced them, so a mismatch is refused.
+One recipe per model (`recipes/axolotl/<model>.yml`) serves every mode: the mode is the
+data, so two modes' filled-in configs differ only in where the data is and where the model
+goes. Recipes use `${NAME}` and `${NAME:-default}` placeholders: DATA (the exported training
+file), BASE_MODEL, OUTPUT_DIR and a few settings. The base model must be the model the data
+was scored with: token ids only mean something under the tokenizer that produced them, so a
+mismatch is refused.
 """
 
 from __future__ import annotations
@@ -89,17 +91,15 @@ def prepare_recipe(
     check: bool = True,
     allow_other_model: bool = False,
 ) -> Path:
-    """Render `recipe` for `data` into `output`, checked; returns the written path."""
+    """Render `recipe` for `data` into `output`, checked; returns the written path. OUTPUT_DIR
+    defaults to `output` without its suffix: the model is written beside its config, under its name."""
     import yaml
 
     recipe, data = Path(recipe), Path(data).resolve()
     if not data.exists():
         raise RecipeError(f"{data}: no such training file (run `curate export` first)")
-    defaults = {
-        "DATA": str(data),
-        "OUTPUT_DIR": str(Path("out/finetune").resolve() / f"{recipe.parent.name}-{recipe.stem}"),
-    }
-    if recipe.parent.name == "smollm2-135m-instruct":
+    defaults = {"DATA": str(data), "OUTPUT_DIR": str(Path(output).resolve().with_suffix(""))}
+    if recipe.resolve().stem == "smollm2-135m-instruct":  # the bundled model: no BASE_MODEL to give
         from curate.models import default_model_dir
 
         defaults["BASE_MODEL"] = str(default_model_dir())

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, run_curate
-from curate.export import MODES, ExportOptions, export
+from curate.export import ExportOptions, export
 from curate.recipes import prepare_recipe, usage_after_training
 from test_finetune import _axolotl
 from tiny_models import build_tiny_model
@@ -93,7 +93,7 @@ def stand_in_runs(tmp_path_factory, family_tokenizers_dir, sample_path):
         export(root / "scored", data, ExportOptions(mode="stm", mask_ratio=0.25, max_length=4096), tokenizer)
         output_dir = root / "run"
         shipped = prepare_recipe(
-            RECIPES / recipe / "stm.yml",
+            RECIPES / f"{recipe}.yml",
             data,
             {"BASE_MODEL": str(model_dir), "OUTPUT_DIR": str(output_dir)},
             root / "shipped.yml",
@@ -106,17 +106,6 @@ def stand_in_runs(tmp_path_factory, family_tokenizers_dir, sample_path):
         return runs[recipe]
 
     return run
-
-
-@pytest.mark.parametrize("model", sorted(p.name for p in RECIPES.iterdir() if p.is_dir()))
-def test_the_modes_of_a_model_differ_only_in_the_comment_naming_their_data(model):
-    recipes = {path.stem: path.read_text() for path in (RECIPES / model).glob("*.yml")}
-    # random-mask is the experiment's control, trained with whichever one recipe the experiment names.
-    assert sorted(recipes) == sorted(set(MODES) - {"random-mask"})
-    for mode, text in recipes.items():
-        assert f"--mode {mode}" in text.splitlines()[0]
-    bodies = {text.split("\n", 1)[1] for text in recipes.values()}
-    assert len(bodies) == 1, f"{model}: its recipes differ in more than their first line"
 
 
 @pytest.mark.slow
