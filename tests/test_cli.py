@@ -116,17 +116,15 @@ def test_no_module_but_the_command_line_imports_click():
     assert sorted(set(importers)) == ["cli.py"]
 
 
-def test_a_directory_that_is_no_model_is_the_librarys_error_and_a_bad_model_option(tmp_path):
+def test_a_model_curate_cannot_use_is_the_librarys_error_and_a_bad_model_option(tmp_path):
     with pytest.raises(ModelError, match="has no config.json"):
         resolve_model(str(tmp_path))
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}\n')
-    result = CliRunner().invoke(
-        main, ["score", str(rows), "-o", str(tmp_path / "scored"), "--model", str(tmp_path)], prog_name="curate"
-    )
+    result = CliRunner().invoke(main, ["preview", str(rows), "--model", "no-such/model"], prog_name="curate")
     assert result.exit_code == 2, result.output
-    assert "Invalid value for --model" in result.output and "has no config.json" in result.output
-    assert "Try 'curate score --help'" in result.output
+    assert "Invalid value for --model: no-such/model: no such directory, and HF_HUB_OFFLINE=1" in result.output
+    assert "Try 'curate preview --help'" in result.output
 
 
 def test_a_library_error_is_one_line_without_a_traceback():
