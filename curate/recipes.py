@@ -15,14 +15,15 @@ import os
 import re
 from pathlib import Path
 
+from curate.errors import CurateError
 from curate.export import stats_path
 from curate.store import refuse_overlap, write_atomic
 
 _PLACEHOLDER = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)(?::-([^}]*))?\}")
 
 
-class RecipeError(Exception):
-    pass
+class RecipeError(CurateError):
+    """A recipe that cannot be filled in, or whose base model does not fit the data."""
 
 
 def render_recipe(text: str, variables: dict[str, str]) -> str:
