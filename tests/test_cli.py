@@ -2,6 +2,7 @@
 library owns (τ) is the library's constant, and only `curate/cli.py` speaks click."""
 
 import ast
+import json
 import re
 from pathlib import Path
 
@@ -58,7 +59,8 @@ def definitions() -> dict[str, dict[str, tuple]]:
     for name, command in commands():
         for option in command.params:
             if isinstance(option, click.Option):
-                definition = (repr(option.default), option.help, repr(option.type), option.is_flag)
+                kind = json.dumps(option.type.to_info_dict(), sort_keys=True, default=str)
+                definition = (repr(option.default), option.help, kind, option.is_flag)
                 table.setdefault(option.opts[-1], {})[name] = definition
     return table
 
