@@ -90,7 +90,7 @@ class ExperimentConfig:
     target: str  # the task trained for: its change is TI
     eval_tasks: list[str]  # every task evaluated, the target among them; the others make BWT
     modes: list[str] = field(default_factory=lambda: ["ground-truth", "stm", "random-mask", "self-output"])
-    recipe: str = "recipes/axolotl/smollm2-135m-instruct/ground-truth.yml"  # one recipe, for every mode
+    recipe: str = "recipes/axolotl/smollm2-135m-instruct.yml"  # one recipe, for every mode
     model: str = "default"
     train_limit: int | None = None  # the first N training rows
     eval_limit: int | None = None  # the first N rows of each evaluation task
