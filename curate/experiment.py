@@ -43,7 +43,6 @@ MODE_NAMES = ("ground-truth", "stm", "random-mask", "self-output", "rephrase")
 DATA_KEYS = ("datasets.0.path", "dataset_prepared_path", "output_dir")
 SEED_KEY = "seed"
 CHECKPOINT_CHOICES = ("last", "best-validation-nll")
-TIMES = "times.json"  # each step's seconds, for results.md
 
 
 class ExperimentError(Exception):
