@@ -49,7 +49,7 @@ def test_every_prompt_gets_an_answer_with_a_verdict(generated_sample, sample_pat
     assert code["verify_reason"].str.contains("tests|timed out").all()
     assert code["verified"].sum() >= 4, "the bundled model writes some correct small functions"
     for row in answers.head(5).iter_rows(named=True):
-        assert row["messages"][-1] | {"weight": None} == {"role": "assistant", "content": row["answer"], "weight": None}
+        assert _given(row["messages"][-1]) == {"role": "assistant", "content": row["answer"]}
         assert row["answer"]
         assert row["messages"][0]["role"] in ("user", "system") and row["ground_truth"]
 
@@ -82,7 +82,7 @@ def test_rephrase_asks_with_the_reference_and_keeps_the_original_prompt(tmp_path
     generate_dataset(source, tmp_path / "re", hf_engine, chat_tokenizer, SamplingOptions(max_new_tokens=64), checker="auto", rephrase=True)
     answers = _answers(tmp_path / "re")
     assert answers.height == 2
-    assert [m | {"weight": None} for m in answers["messages"][0].to_list()[:-1]] == [m | {"weight": None} for m in example.messages[:-1]]
+    assert [_given(m) for m in answers["messages"][0].to_list()[:-1]] == [_given(m) for m in example.messages[:-1]]
     assert read_manifest(tmp_path / "re").meta["rephrase"] is True
 
 
@@ -176,3 +176,8 @@ def test_cli_generate_prints_a_json_summary(tmp_path, sample_path):
     assert summary["verified"] + summary["wrong"] + summary["unchecked"] == 4
     result = run_curate("generate", source, "-o", tmp_path / "gen", "--backend", "hf", check=False)
     assert result.returncode != 0 and "--resume" in result.stderr
+
+
+def _given(message: dict) -> dict:
+    """A stored message's fields that hold a value (the message struct has optional ones: weight, trained, ...)."""
+    return {k: v for k, v in message.items() if v is not None}
