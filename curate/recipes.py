@@ -100,7 +100,7 @@ def prepare_recipe(
     if not data.exists():
         raise RecipeError(f"{data}: no such training file (run `curate export` first)")
     defaults = {"DATA": str(data), "OUTPUT_DIR": str(Path(output).resolve().with_suffix(""))}
-    if recipe.resolve().stem == "smollm2-135m-instruct":  # the bundled model: no BASE_MODEL to give
+    if recipe.stem == "smollm2-135m-instruct":  # the bundled model: no BASE_MODEL to give
         from curate.models import default_model_dir
 
         defaults["BASE_MODEL"] = str(default_model_dir())

@@ -21,10 +21,9 @@ def test_recipe_variables_are_filled_and_a_missing_one_is_named():
 
 
 def test_each_model_has_one_recipe():
-    assert sorted(path.stem for path in RECIPES.glob("*.yml")) == MODELS
-    # What is left in the old per-mode folders only points at the one recipe (for configs that name it).
-    for path in RECIPES.glob("*/*.yml"):
-        assert path.is_symlink() and path.resolve() == RECIPES / f"{path.parent.name}.yml", path
+    assert sorted(path.relative_to(RECIPES).as_posix() for path in RECIPES.rglob("*.yml")) == [
+        f"{m}.yml" for m in MODELS
+    ]
 
 
 @pytest.mark.parametrize("model", MODELS)
