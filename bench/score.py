@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-import tempfile
 
 from curate.data import normalise
 from curate.engines.base import EngineSettings
@@ -140,10 +139,10 @@ def main() -> None:
         rates["vllm backend"] = timed("vllm backend", engine.score, token_ids)
         rates["vllm score_dataset"], plain_seconds = pipeline_rate("vllm score_dataset", engine, chat, source, folder, tokens)
         if not args.skip_ray:
-            from curate.engines.cluster import RayEngines, RayOptions
+            from curate.executors.ray import RayExecutor, RayOptions
 
             started = time.perf_counter()
-            replicas = RayEngines("vllm", model_dir, EngineSettings(dtype="float32"), RayOptions(replicas=1))
+            replicas = RayExecutor("vllm", model_dir, EngineSettings(dtype="float32"), RayOptions(replicas=1))
             start_seconds = time.perf_counter() - started
             print(f"{'ray start (cluster+replica)':<28} {start_seconds:8.2f} s")
             rates["ray score_dataset"], ray_seconds = pipeline_rate("ray score_dataset", replicas, chat, source, folder, tokens)

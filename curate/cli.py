@@ -143,7 +143,7 @@ def engine_options(ray: bool = False):
                 max_num_batched_tokens=kwargs.pop("max_num_batched_tokens"))
             ray_options = None
             if ray:
-                from curate.engines.cluster import RayOptions
+                from curate.executors.ray import RayOptions
 
                 address, replicas, gpus = kwargs.pop("ray_address"), kwargs.pop("replicas"), kwargs.pop("gpus_per_replica")
                 if address is None and (replicas or gpus is not None):
@@ -771,9 +771,9 @@ def _engine(engine_choice, model_dir):
 
     if importlib.util.find_spec("ray") is None:
         raise click.ClickException("--ray needs Ray: pip install 'curate[ray]'")
-    from curate.engines.cluster import RayEngines
+    from curate.executors.ray import RayExecutor
 
-    engines = RayEngines(backend, model_dir, settings, ray_options)
+    engines = RayExecutor(backend, model_dir, settings, ray_options)
     try:
         yield engines
     finally:

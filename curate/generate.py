@@ -20,8 +20,9 @@ import pyarrow as pa
 
 from curate.data import Example, Fields, RowError, check_input
 from curate.engines.base import Answers, Engine, SamplingOptions
+from curate.executors import as_executor
 from curate.models import tokenizer_fingerprint
-from curate.pipeline import Shard, plan, run_shards
+from curate.pipeline import Shard, plan, run_pipeline
 from curate.store import MESSAGE, ShardWriter, input_fingerprint
 from curate.tokenize import ChatTokenizer
 from curate.verify import ONE_PROCESS, verify_all
@@ -96,42 +97,49 @@ def generate_dataset(
     """Answer every prompt of `input_path` into the shard directory `output_dir`, checking each
     answer with `checker`; rows that cannot be used go to its rejects.jsonl.
 
-    `engine`: an engine in this process or `RayEngines`. In this process a shard's answers are
+    `engine`: an engine in this process, or an executor (`RayExecutor`). A shard's answers are
     checked (`verify_workers` checks at a time, default one per core) while the engine answers
     the next shard, so the engine never waits for the checker. `unsafe_verify` runs code checks
     without the sandbox where bubblewrap cannot start."""
     started = time.perf_counter()
+    executor = as_executor(engine)
     tokenizer = chat_tokenizer.tokenizer
-    meta = {"kind": "generated", "input": input_fingerprint(input_path), "model": engine.model_name,
-            "tokenizer": tokenizer_fingerprint(tokenizer), "backend": engine.backend, "dtype": engine.dtype,
+    meta = {"kind": "generated", "input": input_fingerprint(input_path), "model": executor.model_name,
+            "tokenizer": tokenizer_fingerprint(tokenizer), "backend": executor.backend, "dtype": executor.dtype,
             "fields": asdict(fields), "max_length": chat_tokenizer.max_length, "truncate": False,
             "targets": chat_tokenizer.options(), "shard_rows": shard_rows, "limit": limit,
             "sampling": asdict(sampling), "checker": checker, "rephrase": rephrase}
     check_input(input_path, fields)
-
-    def prompt_ids(example: Example) -> list[int]:
-        ids = chat_tokenizer.prompt_ids(prompt_of(example, rephrase), row=example.row)
-        if chat_tokenizer.max_length and len(ids) + sampling.max_new_tokens > chat_tokenizer.max_length:
-            raise RowError(example.row, f"prompt of {len(ids)} tokens + --max-new-tokens is over --max-length")
-        return ids
-
-    step = GenerateStep(tokenizer, sampling, checker, verify_workers, unsafe_verify)
+    step = GenerateStep(chat_tokenizer, sampling, checker, verify_workers, unsafe_verify, rephrase)
     with ShardWriter(output_dir, meta, schema=GENERATED_SCHEMA, resume=resume, overwrite=overwrite) as writer:
-        run_shards(step, engine, plan(input_path, prompt_ids, fields, writer, limit), writer, on_progress)
-        summary = _summarise(output_dir, writer, time.perf_counter() - started, engine.backend)
+        run_pipeline(step, executor, plan(input_path, fields, writer, limit), writer, on_progress)
+        summary = _summarise(output_dir, writer, time.perf_counter() - started, executor.backend)
         writer.finish(asdict(summary))
     return summary
 
 
 @dataclass
 class GenerateStep:
-    """Answering a shard: the engine samples, then (CPU work) answers are decoded and checked."""
+    """Answering a shard: each prompt rendered, the engine samples, then (CPU work) answers are
+    decoded and checked."""
 
-    tokenizer: object
+    chat_tokenizer: ChatTokenizer
     sampling: SamplingOptions
     checker: str
     verify_workers: int | None
     unsafe_verify: bool
+    rephrase: bool = False
+
+    @property
+    def tokenizer(self):
+        return self.chat_tokenizer.tokenizer
+
+    def prepare(self, example: Example) -> list[int]:
+        ids = self.chat_tokenizer.prompt_ids(prompt_of(example, self.rephrase), row=example.row)
+        max_length = self.chat_tokenizer.max_length
+        if max_length and len(ids) + self.sampling.max_new_tokens > max_length:
+            raise RowError(example.row, f"prompt of {len(ids)} tokens + --max-new-tokens is over --max-length")
+        return ids
 
     def infer(self, engine: Engine, shard: Shard) -> Answers:
         return engine.generate(shard.prepared, self.sampling) if shard.prepared else []

@@ -14,8 +14,9 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from curate.data import Example, Fields, check_input, normalise
 from curate.engines.base import Engine
+from curate.executors import as_executor
 from curate.models import model_fingerprint, tokenizer_fingerprint
-from curate.pipeline import Shard, plan, run_shards
+from curate.pipeline import Shard, plan, run_pipeline
 from curate.store import SCORED_SCHEMA, ShardWriter, input_fingerprint
 from curate.tokenize import ChatTokenizer, TokenizedExample
 
@@ -53,12 +54,13 @@ def score_dataset(
 ) -> ScoreSummary:
     """Score every row of `input_path` into `output_dir`; returns the run's summary.
 
-    `engine`: an engine in this process (`make_engine`) or replicas on a Ray cluster
-    (`RayEngines`). on_progress(rows, tokens) is called after each shard, for progress bars.
+    `engine`: an engine to run in this process (`make_engine`), or an executor (replicas on a Ray
+    cluster: `RayExecutor`). on_progress(rows, tokens) is called after each shard, for progress bars.
     `model_dir` (the weights scored with) is fingerprinted into the manifest, so that export
     can refuse to pair these perplexities with another model.
     """
     started = time.perf_counter()
+    executor = as_executor(engine)
     meta = {
         "kind": "scored",
         "input": input_fingerprint(input_path),
@@ -66,8 +68,8 @@ def score_dataset(
         "model_fingerprint": model_fingerprint(model_dir) if model_dir else None,
         "tokenizer": tokenizer_fingerprint(chat_tokenizer.tokenizer),
         "targets": chat_tokenizer.options(),
-        "backend": engine.backend,
-        "dtype": engine.dtype,
+        "backend": executor.backend,
+        "dtype": executor.dtype,
         "fields": asdict(fields),
         "max_length": chat_tokenizer.max_length,
         "truncate": chat_tokenizer.truncate,
@@ -75,9 +77,8 @@ def score_dataset(
     }
     check_input(input_path, fields)
     with ShardWriter(output_dir, meta, resume=resume, overwrite=overwrite) as writer:
-        shards = plan(input_path, lambda example: chat_tokenizer.encode(example.row, example.messages), fields, writer, limit)
-        run_shards(ScoreStep(), engine, shards, writer, on_progress)
-        summary = summarise_scored(output_dir, writer, time.perf_counter() - started, engine.backend, model_name)
+        run_pipeline(ScoreStep(chat_tokenizer), executor, plan(input_path, fields, writer, limit), writer, on_progress)
+        summary = summarise_scored(output_dir, writer, time.perf_counter() - started, executor.backend, model_name)
         writer.finish(asdict(summary))
     return summary
 
@@ -91,8 +92,15 @@ def score_conversations(rows: list, engine: Engine, chat_tokenizer: ChatTokenize
     return scored_table(examples, tokenized, engine.score([t.input_ids for t in tokenized]) if tokenized else [])
 
 
+@dataclass
 class ScoreStep:
-    """Scoring a shard: the engine's log-probabilities of each tokenized example, into SCORED_SCHEMA."""
+    """Scoring a shard: each example rendered and tokenized, the engine's log-probabilities of
+    its tokens, into SCORED_SCHEMA."""
+
+    chat_tokenizer: ChatTokenizer
+
+    def prepare(self, example: Example) -> TokenizedExample:
+        return self.chat_tokenizer.encode(example.row, example.messages)
 
     def infer(self, engine: Engine, shard: Shard) -> list[np.ndarray]:
         return engine.score([t.input_ids for t in shard.prepared]) if shard.prepared else []

@@ -316,6 +316,8 @@ def foreign_files(directory: Path) -> list[str]:
     has_manifest = (Path(directory) / MANIFEST).exists()
     foreign = []
     for entry in Path(directory).iterdir():
+        if entry.is_dir() and not any(entry.iterdir()):  # holds nothing to lose (and is never deleted)
+            continue
         ours = entry.is_file() and _OURS.fullmatch(entry.name)
         if not ours or (not has_manifest and entry.name not in (LOCK, MANIFEST + ".partial")):
             foreign.append(entry.name)

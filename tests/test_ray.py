@@ -104,3 +104,24 @@ def test_generate_on_ray_gives_the_plain_runs_answers(tmp_path, sample_path, gen
     run_curate("generate", sample_path, "-o", out, "--backend", "vllm", "--max-new-tokens", "256", "--ray", "--quiet")
     columns = ["id", "row", "answer", "verified", "finished", "n_tokens"]
     assert _scored(out).select(columns).equals(_scored(generated_sample).select(columns))
+
+
+def test_the_driver_reads_and_commits_but_never_tokenizes(tmp_path, sample_path, model_dir, chat_tokenizer, scored_sample,
+                                                          monkeypatch):
+    """Replicas prepare their own rows: in this (the driver's) process no row is rendered or tokenized."""
+    from curate.engines.base import EngineSettings
+    from curate.executors.ray import RayExecutor, RayOptions
+    from curate.score import score_dataset
+    from curate.tokenize import ChatTokenizer
+
+    calls = []
+    encode = ChatTokenizer.encode
+    monkeypatch.setattr(ChatTokenizer, "encode", lambda self, *a, **k: calls.append(1) or encode(self, *a, **k))
+    executor = RayExecutor("hf", model_dir, EngineSettings(dtype="float32"), RayOptions(replicas=1))
+    try:
+        score_dataset(sample_path, tmp_path / "ray", executor, chat_tokenizer, model_name="default", shard_rows=16)
+    finally:
+        executor.close()
+    assert calls == []
+    ray_run, whole = _scored(tmp_path / "ray"), _scored(scored_sample)
+    assert ray_run.drop("logprobs", "nll_mean", "ppl").equals(whole.drop("logprobs", "nll_mean", "ppl"))

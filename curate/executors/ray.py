@@ -1,29 +1,33 @@
-"""The same engine, `replicas` times, on a Ray cluster: `curate score/generate --ray`.
+"""Shards on engine replicas on a Ray cluster: `curate score/generate --ray`.
 
-Each replica is a Ray actor holding one engine (`make_engine`, built from the same picklable
-settings). The driver sends it prepared shards; the actor infers, builds the table and writes
-the shard's file itself (temporary name, sync, rename: `store.write_shard_file`), and returns
-its row count and checksum; the driver commits it. What Ray retries and what it does not:
+Each replica is a threaded Ray actor holding one engine (`make_engine`, built from the same
+picklable settings) and the run's step (sent once). The driver reads the input and sends each
+shard's raw records; the replica prepares them (normalise, render, tokenize), infers, builds
+the table and writes the shard's file itself (temporary name, sync, rename), and returns its
+row count and checksum; the driver commits it. A replica holds two shards, so its engine infers
+one while the other is prepared or written. What Ray retries and what it does not:
 
 - a replica that dies (SIGKILL, out of memory, a lost node) is restarted and its shards run
   again; a shard's file has a fixed name, so a retry replaces it and the row is still once;
 - a shard whose processing raises is not retried: it is reported with its rows, every other
   shard is committed, and `--resume` runs just the failed ones.
 
-Ray is an optional extra (`pip install 'curate[ray]'`); the model directory and the output
-directory must be on a filesystem that every node sees.
+Ray is an optional extra (`pip install 'curate[ray]'`); the model directory, the input and the
+output directory must be on a filesystem that every node sees.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from curate.data import prefetched
 from curate.engines.base import EngineSettings, make_engine
-from curate.pipeline import Shard, ShardResult, ShardsFailed, Step, run_step
+from curate.pipeline import Shard, ShardResult, ShardsFailed, Step, finish_step, prepare_shard
 
 # Shards sent to a replica ahead of the one it works on, so it never waits for the driver.
 AHEAD_PER_REPLICA = 2
@@ -48,22 +52,46 @@ class RayOptions:
 
 
 class ShardWorker:
-    """A Ray actor's body: one engine, running whole shards."""
+    """A Ray actor's body: one engine, running whole shards, two at a time: the engine is used by
+    one shard at once (`_engine_lock`), while the other shard is prepared or written."""
 
-    def __init__(self, backend: str, model_dir: str, settings: EngineSettings):
-        self.engine = make_engine(backend, model_dir, settings)
+    def __init__(self, backend: str, model_dir: str, settings: EngineSettings, cpus: float = 1, engine_factory=None):
+        self.engine = engine_factory() if engine_factory else make_engine(backend, model_dir, settings)
+        self.cpus = cpus
+        self.step, self._step_id = None, None
+        self._engine_lock, self._step_lock = threading.Lock(), threading.Lock()
 
     def describe(self) -> tuple[str, str, str]:
         return self.engine.backend, self.engine.dtype, self.engine.model_name
 
-    def run(self, step: Step, shard: Shard, directory: str, schema) -> ShardResult:
-        return run_step(step, self.engine, shard, Path(directory), schema)
+    def _use(self, step_box: list) -> None:
+        """The run's step (its tokenizer included), fetched once per replica rather than with every
+        shard (boxed, so Ray hands over the reference, not the value); a restarted replica fetches
+        it again. Answer checks get as many workers as the replica holds CPUs."""
+        import ray
+
+        with self._step_lock:
+            if self._step_id != step_box[0].hex():
+                step = ray.get(step_box[0])
+                if getattr(step, "verify_workers", 0) is None:
+                    step.verify_workers = max(1, int(self.cpus))
+                self.step, self._step_id = step, step_box[0].hex()
+
+    def run(self, shard: Shard, directory: str, schema, step_box: list) -> ShardResult:
+        self._use(step_box)
+        shard = prepare_shard(self.step, shard)
+        with self._engine_lock:
+            inferred = self.step.infer(self.engine, shard)
+        return finish_step(self.step, shard, inferred, Path(directory), schema)
 
 
-class RayEngines:
-    """Stands where one engine would (`score_dataset(..., engine=RayEngines(...))`)."""
+class RayExecutor:
+    """Replicas of one engine on a Ray cluster (`score_dataset(..., engine=RayExecutor(...))`)."""
 
-    def __init__(self, backend: str, model_dir, settings: EngineSettings = EngineSettings(), options: RayOptions = RayOptions()):
+    def __init__(self, backend: str, model_dir, settings: EngineSettings = EngineSettings(), options: RayOptions = RayOptions(),
+                 engine_factory=None):
+        """`engine_factory`: a picklable callable that builds each replica's engine instead of
+        `make_engine(backend, model_dir, settings)` (bench/scale.py's simulated engines)."""
         import ray
 
         self._started_ray = not ray.is_initialized() and options.address is None
@@ -78,8 +106,10 @@ class RayEngines:
             settings.tensor_parallel_size if gpus else 0)
         replicas = options.replicas or (max(1, int(gpus // per_replica)) if per_replica else 1)
         actor = ray.remote(ShardWorker).options(num_cpus=options.cpus_per_replica, num_gpus=per_replica,
-                                                max_restarts=RESTARTS, max_task_retries=RESTARTS)
-        self.workers = [actor.remote(backend, str(model_dir), settings) for _ in range(max(replicas, options.max_replicas or 0))]
+                                                max_restarts=RESTARTS, max_task_retries=RESTARTS,
+                                                max_concurrency=AHEAD_PER_REPLICA)
+        self.workers = [actor.remote(backend, str(model_dir), settings, options.cpus_per_replica, engine_factory)
+                        for _ in range(max(replicas, options.max_replicas or 0))]
         self._starting = {worker.describe.remote(): worker for worker in self.workers}
         self._ready: list = []
         self._start_error: Exception | None = None
@@ -91,7 +121,6 @@ class RayEngines:
     def _join(self, started: list) -> list:
         """Replicas whose engine has started (their `describe` returned), now ready for shards."""
         import ray
-
         from ray.exceptions import RayError
 
         joined = []
@@ -107,21 +136,26 @@ class RayEngines:
         self._ready += joined
         return joined
 
-    def run_shards(self, step: Step, shards: Iterator[Shard], directory: Path, schema,
-                   commit: Callable[[ShardResult], None]) -> None:
-        """Run every shard on the replicas and commit each as it comes back, in any order."""
+    def run(self, step: Step, shards: Iterator[Shard], directory: Path, schema,
+            commit: Callable[[ShardResult], None]) -> None:
+        """Run every shard on the replicas and commit each as it comes back, in any order. The
+        driver only reads records (one shard ahead, in a background thread) and commits."""
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
-        step_ref = ray.put(step)
-        free = [worker for worker in self._ready for _ in range(AHEAD_PER_REPLICA)]
+        step_box = [ray.put(step)]
+
+        def slots(workers: list) -> list:
+            return [worker for worker in workers for _ in range(AHEAD_PER_REPLICA)]
+
+        free = slots(self._ready)
         in_flight: dict = {}
         failures: list[tuple[Shard, str]] = []
 
         def collect() -> None:
             (ref,), _ = ray.wait([*in_flight, *self._starting], num_returns=1)
             if ref in self._starting:  # one more replica is up
-                free.extend(worker for worker in self._join([ref]) for _ in range(AHEAD_PER_REPLICA))
+                free.extend(slots(self._join([ref])))
                 return
             shard, worker = in_flight.pop(ref)
             try:
@@ -133,16 +167,16 @@ class RayEngines:
                 return
             free.append(worker)
 
-        for shard in shards:
+        for shard in prefetched(shards):
             if self._starting:
-                free.extend(worker for worker in self._join(ray.wait(list(self._starting), num_returns=len(self._starting),
-                                                                     timeout=0)[0]) for _ in range(AHEAD_PER_REPLICA))
+                started = ray.wait(list(self._starting), num_returns=len(self._starting), timeout=0)[0]
+                free.extend(slots(self._join(started)))
             while not free:
                 if not in_flight:
                     raise ShardsFailed(directory, failures + [(shard, "no replica is left to run it")])
                 collect()
             worker = free.pop(0)
-            in_flight[worker.run.remote(step_ref, shard, str(directory), schema)] = (shard, worker)
+            in_flight[worker.run.remote(shard, str(directory), schema, step_box)] = (shard, worker)
         while in_flight:
             collect()
         if failures:
@@ -156,3 +190,6 @@ class RayEngines:
         self.workers = []
         if self._started_ray:
             ray.shutdown()
+
+
+RayEngines = RayExecutor  # the name of earlier releases
