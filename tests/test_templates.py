@@ -338,3 +338,18 @@ def test_every_row_is_trained_after_its_own_generation_prompt_or_rejected_with_a
             end_token = chat.tokenizer.convert_ids_to_tokens(encoded.input_ids[turn["tokens"][1] - 1])
             assert end_token == turn["end_of_turn"] and end_token in chat.end_of_turn_tokens, (family, kind)
         assert sum(encoded.end_of_turn) == len(encoded.turns)
+
+
+def test_a_template_that_wraps_its_own_think_block_around_a_trace_rejects_it_with_that_cause(load):
+    """As Kimi-K2-Thinking renders history: its own empty think block, then the content as given.
+    A literal trace there would train two think blocks; the row is rejected, and drop trains the answer."""
+    base = load("qwen2.5-instruct").tokenizer
+    tokenizer = copy.deepcopy(base)
+    tokenizer.chat_template = (
+        "{%- for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' %}<think></think>{% endif %}"
+        "{{ m.content }}<|im_end|>\n{%- endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    messages = [_u("Is 7 prime?"), _a(TRACE)]
+    with pytest.raises(RowError, match="neither takes this turn's reasoning"):
+        ChatTokenizer(tokenizer).encode(0, messages)
+    dropped = ChatTokenizer(tokenizer, reasoning="drop")
+    assert trained_texts(dropped, dropped.encode(0, messages)) == ["<think></think>Yes, 7 is prime.<|im_end|>"]
