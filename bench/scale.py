@@ -15,8 +15,10 @@ cores at large N; the driver's CPU time is measured on its own process (`time.pr
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import shutil
 import tempfile
 import time
@@ -61,6 +63,7 @@ def main() -> None:
     parser.add_argument("--replicas", default="1,2,4,8,16")
     parser.add_argument("--copies", type=int, default=40, help="copies of the bundled sample (82 rows, 13,892 tokens)")
     parser.add_argument("--shard-rows", type=int, default=64)
+    parser.add_argument("--profile", action="store_true", help="print where the driver's CPU time goes")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -89,9 +92,15 @@ def main() -> None:
         executor = RayExecutor("simulated", model_dir, options=RayOptions(replicas=replicas, cpus_per_replica=0),
                                engine_factory=SimulatedFactory(args.rate))
         out = work / f"out-{replicas}"
+        profile = cProfile.Profile() if args.profile else None
         cpu, wall = time.process_time(), time.perf_counter()
+        if profile:
+            profile.enable()
         summary = score_dataset(source, out, executor, chat, model_name="simulated", shard_rows=args.shard_rows)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        if profile:
+            profile.disable()
+            pstats.Stats(profile).sort_stats("tottime").print_stats(12)
         executor.close()
         rate = summary.tokens / wall
         per_million = cpu / summary.tokens * 1e6

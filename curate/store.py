@@ -101,7 +101,8 @@ def read_manifest(directory: Path) -> Manifest:
     data = json.loads(path.read_text())
     if data.get("format") != FORMAT_VERSION:
         raise StoreError(f"{directory} was written by an older curate (scored format {data.get('format')}, this "
-                         f"curate reads {FORMAT_VERSION}: end-of-turn is now stored per token); score it again")
+                         f"curate reads {FORMAT_VERSION}: messages are stored as read, with tool calls, reasoning and "
+                         "what was trained); score it again")
     shards = list(data["shards"])
     known = {shard["file"] for shard in shards}
     run = data["meta"].get("run")
