@@ -54,20 +54,35 @@ class HFEngine:
     backend = "hf"
 
     def __init__(self, model_dir, settings: EngineSettings = EngineSettings(), device: str | None = None,
-                 logits_budget: int = 2**26):
+                 logits_budget: int | None = None):
         from curate.models import load_tokenizer
 
-        self.model, self.device, self.dtype = load_causal_lm(model_dir, settings.dtype, device)
-        self.model_name = str(model_dir)
+        model, device, dtype = load_causal_lm(model_dir, settings.dtype, device)
+        tokenizer = load_tokenizer(model_dir)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._setup(model, device, dtype, str(model_dir), settings, logits_budget, pad_id,
+                    stop_ids(tokenizer, model.generation_config))
+
+    @classmethod
+    def from_model(cls, model, settings: EngineSettings = EngineSettings(), pad_id: int = 0,
+                   logits_budget: int | None = None) -> HFEngine:
+        """An engine around a model already in memory (bench/gpu_score.py's random-weight models)."""
+        engine = cls.__new__(cls)
+        device = str(next(model.parameters()).device)
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        engine._setup(model.eval(), device, dtype, type(model).__name__, settings, logits_budget, pad_id, [])
+        return engine
+
+    def _setup(self, model, device, dtype, model_name, settings, logits_budget, pad_id, stops) -> None:
+        self.model, self.device, self.dtype, self.model_name = model, device, dtype, model_name
         self.body = getattr(self.model, self.model.base_model_prefix)
         self.head = self.model.get_output_embeddings()
         self.softcap = getattr(self.model.config, "final_logit_softcapping", None)  # Gemma-2
         self.token_budget = settings.max_num_batched_tokens or 8192
-        self.logits_budget = logits_budget
+        # Float32 logits of this many elements at a time: 256 MiB on a CPU, 1 GiB on a GPU.
+        self.logits_budget = logits_budget or (2**28 if device.startswith("cuda") else 2**26)
         self.batch_size = settings.max_num_seqs or 16
-        tokenizer = load_tokenizer(model_dir)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.stop_ids = stop_ids(tokenizer, self.model.generation_config)
+        self.pad_id, self.stop_ids = pad_id, stops
 
     def score(self, token_ids: Sequence[Sequence[int]]) -> list[np.ndarray]:
         results: list[np.ndarray | None] = [None] * len(token_ids)
