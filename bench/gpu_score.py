@@ -80,6 +80,25 @@ def timed(fn, device: str, repeat: int) -> float:
     return (time.perf_counter() - start) / repeat
 
 
+def measure(engine, model, rows: list[list[int]], device: str, repeat: int) -> tuple[float, float]:
+    """Seconds per pass of the engine's scoring, and of a bare forward pass (every position's
+    logits, nothing extracted) over the same batches."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    seconds = timed(lambda: engine.score(rows), device, repeat)
+
+    def forward():
+        with torch.inference_mode():
+            for batch in engine._batches(rows):
+                width = max(len(rows[i]) for i in batch)
+                ids = torch.zeros((len(batch), width), dtype=torch.long, device=device)
+                for k, i in enumerate(batch):
+                    ids[k, : len(rows[i])] = torch.as_tensor(rows[i], device=device)
+                model(input_ids=ids, logits_to_keep=0)
+
+    return seconds, timed(forward, device, repeat)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU check that the script runs)")
@@ -103,20 +122,7 @@ def main() -> None:
                                ("mixed", list(rng.integers(64, 4096, size=max(2, args.tokens // 2048))))):
             rows = [rng.integers(0, vocab, size=int(n)).tolist() for n in lengths]
             tokens = sum(map(len, rows))
-            if device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            seconds = timed(lambda: engine.score(rows), device, args.repeat)
-
-            def forward():
-                with torch.inference_mode():
-                    for batch in engine._batches(rows):
-                        width = max(len(rows[i]) for i in batch)
-                        ids = torch.zeros((len(batch), width), dtype=torch.long, device=device)
-                        for k, i in enumerate(batch):
-                            ids[k, : len(rows[i])] = torch.as_tensor(rows[i], device=device)
-                        model(input_ids=ids, logits_to_keep=0)
-
-            bare = timed(forward, device, args.repeat)
+            seconds, bare = measure(engine, model, rows, device, args.repeat)
             memory = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
             mean_length = tokens / len(rows)
             mfu = tokens * flops_per_token(model, mean_length) / seconds / peak if peak else float("nan")
