@@ -192,7 +192,7 @@ class ShardWriter:
     def _open(self, meta: dict, resume: bool, overwrite: bool) -> Manifest:
         """The manifest this run continues (resume) or starts, after refusing every unsafe case."""
         _refuse_unsafe_start(self.directory, resume, overwrite)
-        if resume:
+        if resume and (self.directory / MANIFEST).exists():  # --resume with nothing to resume starts the run
             manifest = read_manifest(self.directory)
             _check_same_run(self.directory, manifest.meta, meta)
             verify_shards(self.directory, manifest, full=True)
@@ -273,8 +273,6 @@ def check_output_dir(directory: Path, resume: bool, overwrite: bool) -> None:
     if directory.is_dir():
         _take_lock(directory).close()
         _refuse_unsafe_start(directory, resume, overwrite)
-    elif resume:
-        raise StoreError(f"{directory}: nothing to resume (no such directory); run the command without --resume")
 
 
 def _refuse_unsafe_start(directory: Path, resume: bool, overwrite: bool) -> None:
@@ -286,8 +284,6 @@ def _refuse_unsafe_start(directory: Path, resume: bool, overwrite: bool) -> None
     existing = (directory / MANIFEST).exists()
     if existing and not (resume or overwrite):
         raise StoreError(f"{directory} already holds a run; pass --resume to finish it or --overwrite to start again")
-    if resume and not existing:
-        raise StoreError(f"{directory}: nothing to resume (no {MANIFEST}); run the command without --resume")
 
 
 def _take_lock(directory: Path):
