@@ -189,14 +189,14 @@ verify_shards_option = click.option("--verify-shards", is_flag=True,
                                          "[default: its size, row count and identity only].")
 
 
-def _run_flags(output: Path, resume: bool, overwrite: bool) -> None:
+def _run_flags(input_path: Path, output: Path, resume: bool, overwrite: bool) -> None:
     """Conflicting flags are a usage error; an output the run would refuse is refused now, before
     the engine loads."""
     from curate.store import check_output_dir
 
     if resume and overwrite:
         raise click.UsageError("--resume and --overwrite contradict each other: give one")
-    check_output_dir(output, resume, overwrite)
+    check_output_dir(output, resume, overwrite, input_path)
 
 
 def _max_length(model_dir: Path, max_length: int) -> int:
@@ -280,7 +280,7 @@ def score(input_path, output, model, engine_choice, max_length, truncate, system
 
     if bool(prompt_field) != bool(response_field):
         raise click.UsageError("--prompt-field and --response-field go together")
-    _run_flags(output, resume, overwrite)
+    _run_flags(input_path, output, resume, overwrite)
     fields = Fields(prompt=prompt_field, response=response_field, reference=reference_field, split=split)
     model_dir = resolve_model(model)
     max_length = _max_length(model_dir, max_length)
@@ -455,7 +455,7 @@ def generate(input_path, output, model, engine_choice, checker, verify_workers, 
     from curate.store import StoreError
     from curate.tokenize import ChatTokenizer
 
-    _run_flags(output, resume, overwrite)
+    _run_flags(input_path, output, resume, overwrite)
     model_dir = resolve_model(model)
     max_length = _max_length(model_dir, max_length)
     engine_choice = (engine_choice[0], replace(engine_choice[1], max_model_len=max_length), engine_choice[2])

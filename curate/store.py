@@ -178,6 +178,7 @@ class ShardWriter:
             refuse_overlap(Path(meta["input"]["path"]), self.directory)
         self.shard_rows = meta.get("shard_rows", 512)
         self.directory.mkdir(parents=True, exist_ok=True)
+        _refuse_foreign(self.directory)  # before the lock file: nothing is added to someone else's directory
         self._lock = _take_lock(self.directory)
         try:
             self.manifest = self._open(meta, resume, overwrite)
@@ -264,31 +265,40 @@ class ShardWriter:
         manifest.complete = False
 
 
-def check_output_dir(directory: Path, resume: bool, overwrite: bool) -> None:
+def check_output_dir(directory: Path, resume: bool, overwrite: bool, input_path: Path | None = None) -> None:
     """Refuse, before an engine is loaded, an output directory that the run would refuse later:
-    one in use, holding someone else's files, or holding a run without --resume/--overwrite."""
+    one that overlaps the input, is in use, holds someone else's files, or holds a run without
+    --resume/--overwrite. Writes nothing."""
     directory = Path(directory)
     if resume and overwrite:
         raise StoreError("--resume and --overwrite contradict each other: give one")
+    if input_path is not None:
+        refuse_overlap(input_path, directory)
     if directory.is_dir():
-        _take_lock(directory).close()
         _refuse_unsafe_start(directory, resume, overwrite)
+        if (directory / LOCK).exists():
+            _take_lock(directory, probe=True).close()
 
 
-def _refuse_unsafe_start(directory: Path, resume: bool, overwrite: bool) -> None:
+def _refuse_foreign(directory: Path) -> None:
     foreign = foreign_files(directory)
     if foreign:
         shown = ", ".join(sorted(foreign)[:5]) + (", ..." if len(foreign) > 5 else "")
         raise StoreError(f"{directory} holds files that curate did not write ({shown}); curate never deletes "
                          "or mixes into them, whatever the flags: choose an empty or new output directory")
+
+
+def _refuse_unsafe_start(directory: Path, resume: bool, overwrite: bool) -> None:
+    _refuse_foreign(directory)
     existing = (directory / MANIFEST).exists()
     if existing and not (resume or overwrite):
         raise StoreError(f"{directory} already holds a run; pass --resume to finish it or --overwrite to start again")
 
 
-def _take_lock(directory: Path):
-    """An exclusive lock on the directory for this process's lifetime: a second writer is refused."""
-    handle = open(directory / LOCK, "a+")
+def _take_lock(directory: Path, probe: bool = False):
+    """An exclusive lock on the directory for this process's lifetime: a second writer is refused.
+    `probe`: only see whether another process holds it (the lock file is read, not written)."""
+    handle = open(directory / LOCK, "r" if probe else "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:
@@ -300,10 +310,11 @@ def _take_lock(directory: Path):
         handle.close()
         raise StoreError(f"{directory} is being written by another curate run (PID {holder}); wait for it to "
                          "finish or stop it, or write to another directory") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
+    if not probe:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
     return handle
 
 
