@@ -199,7 +199,9 @@ class ShardWriter:
             verify_shards(self.directory, manifest, full=True)
             self._discard_unrecorded(manifest)
             return manifest
-        for ours in self.directory.iterdir():  # --overwrite: only what a curate run wrote here
+        # --overwrite: only what a curate run wrote here, the manifest last (while shards are
+        # there, the manifest that makes them ours is too)
+        for ours in sorted(self.directory.iterdir(), key=lambda path: path.name == MANIFEST):
             if ours.name != LOCK and ours.is_file():
                 ours.unlink()
         _fsync_directory(self.directory)
@@ -321,10 +323,16 @@ def _take_lock(directory: Path, probe: bool = False):
 def foreign_files(directory: Path) -> list[str]:
     """Entries of `directory` that no curate run wrote. Without a manifest, a shard-like name is
     not ours either: `part-00007.parquet` is also what Spark and `datasets` call their files."""
-    has_manifest = (Path(directory) / MANIFEST).exists()
+    entries = list(Path(directory).iterdir())  # one listing: another run may be writing here right now
+    has_manifest = any(entry.name == MANIFEST for entry in entries)
     foreign = []
-    for entry in Path(directory).iterdir():
-        if entry.is_dir() and not any(entry.iterdir()):  # holds nothing to lose (and is never deleted)
+    for entry in entries:
+        try:
+            if entry.is_dir() and not any(entry.iterdir()):  # holds nothing to lose (and is never deleted)
+                continue
+        except FileNotFoundError:
+            continue
+        if not entry.exists():  # gone since the listing: another run's temporary file
             continue
         ours = entry.is_file() and _OURS.fullmatch(entry.name)
         if not ours or (not has_manifest and entry.name not in (LOCK, MANIFEST + ".partial")):
