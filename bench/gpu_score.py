@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from curate.engines.base import EngineSettings  # noqa: E402
-from curate.engines.hf import HFEngine  # noqa: E402
+from curate.engines.hf import HFEngine, right_padded  # noqa: E402
 
 # Dense bf16 tensor-core peak, FLOP/s.
 PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
@@ -90,11 +90,8 @@ def measure(engine, model, rows: list[list[int]], device: str, repeat: int) -> t
     def forward():
         with torch.inference_mode():
             for batch in engine._batches(rows):
-                width = max(len(rows[i]) for i in batch)
-                ids = torch.zeros((len(batch), width), dtype=torch.long, device=device)
-                for k, i in enumerate(batch):
-                    ids[k, : len(rows[i])] = torch.as_tensor(rows[i], device=device)
-                model(input_ids=ids, logits_to_keep=0)
+                ids, mask = right_padded([rows[i] for i in batch], device)
+                model(input_ids=ids, attention_mask=mask, logits_to_keep=0)
 
     return seconds, timed(forward, device, repeat)
 

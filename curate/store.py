@@ -272,8 +272,6 @@ def check_output_dir(directory: Path, resume: bool, overwrite: bool, input_path:
     one that overlaps the input, is in use, holds someone else's files, or holds a run without
     --resume/--overwrite. Writes nothing."""
     directory = Path(directory)
-    if resume and overwrite:
-        raise StoreError("--resume and --overwrite contradict each other: give one")
     if input_path is not None:
         refuse_overlap(input_path, directory)
     if directory.is_dir():

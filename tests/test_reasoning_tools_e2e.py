@@ -13,6 +13,7 @@ import pytest
 
 import fetch_tokenizers
 from conftest import run_curate
+from test_families import _runs
 from tiny_models import build_tiny_model
 
 WEATHER = [{"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -48,15 +49,6 @@ def tiny_qwen3(tmp_path_factory) -> Path:
     return build_tiny_model(cache / "qwen3", "qwen3", tmp_path_factory.mktemp("tiny") / "qwen3")
 
 
-def _runs(mask):
-    runs, start = [], None
-    for i, value in enumerate([*mask, False]):
-        if value and start is None:
-            start = i
-        elif not value and start is not None:
-            runs.append((start, i))
-            start = None
-    return runs
 
 
 @pytest.fixture(scope="module")

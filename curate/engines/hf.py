@@ -170,13 +170,8 @@ class HFEngine:
         from transformers import DynamicCache
 
         prefix_lengths = [_shared_prefix(group) for group in groups]
-        width = max(prefix_lengths)
-        ids = torch.zeros((len(groups), width), dtype=torch.long)
-        mask = torch.zeros((len(groups), width), dtype=torch.long)
-        for row, (group, length) in enumerate(zip(groups, prefix_lengths)):
-            ids[row, :length] = torch.as_tensor(group[0][:length])
-            mask[row, :length] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        ids, mask = right_padded([group[0][:length] for group, length in zip(groups, prefix_lengths)], self.device)
+        width = ids.shape[1]
         prefix = self.body(input_ids=ids, attention_mask=mask, use_cache=True)
         hidden, layers = prefix.last_hidden_state, [(layer.keys, layer.values) for layer in prefix.past_key_values.layers]
         predicts = mask[:, 1:].bool()
@@ -195,13 +190,8 @@ class HFEngine:
             part = members[start:stop]
             start = stop
             rests = [rest_of[member] for member in part]
-            rest_width = max(map(len, rests))
-            rest_ids = torch.zeros((len(part), rest_width), dtype=torch.long)
-            rest_mask = torch.zeros((len(part), rest_width), dtype=torch.long)
-            for row, rest in enumerate(rests):
-                rest_ids[row, :len(rest)] = torch.as_tensor(rest)
-                rest_mask[row, :len(rest)] = 1
-            rest_ids, rest_mask = rest_ids.to(self.device), rest_mask.to(self.device)
+            rest_ids, rest_mask = right_padded(rests, self.device)
+            rest_width = rest_ids.shape[1]
             index = torch.as_tensor([g for g, _ in part], device=self.device)
             cache = DynamicCache([(keys[index], values[index]) for keys, values in layers])  # its group's prefix, per member
             lengths = torch.as_tensor([prefix_lengths[g] for g, _ in part], device=self.device)
@@ -223,13 +213,7 @@ class HFEngine:
 
     @torch.inference_mode()
     def _score_batch(self, sequences: list[Sequence[int]]) -> list[np.ndarray]:
-        width = max(len(s) for s in sequences)
-        ids = torch.zeros((len(sequences), width), dtype=torch.long)
-        mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for row, sequence in enumerate(sequences):
-            ids[row, : len(sequence)] = torch.as_tensor(sequence)
-            mask[row, : len(sequence)] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        ids, mask = right_padded(sequences, self.device)
         hidden = self.body(input_ids=ids, attention_mask=mask).last_hidden_state
         # Position t predicts token t+1; keep only real (unpadded) predictions.
         predicts = mask[:, 1:].bool()
@@ -258,6 +242,17 @@ class HFEngine:
             chosen = logits.gather(1, targets[start : start + chunk, None])[:, 0]
             pieces.append(chosen - torch.logsumexp(logits, dim=-1))
         return torch.cat(pieces) if pieces else torch.empty(0)
+
+
+def right_padded(sequences: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of `sequences` padded on the right with 0 to the longest, on `device`."""
+    width = max(len(s) for s in sequences)
+    ids = torch.zeros((len(sequences), width), dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        ids[row, : len(sequence)] = torch.as_tensor(sequence)
+        mask[row, : len(sequence)] = 1
+    return ids.to(device), mask.to(device)
 
 
 def _shared_prefix(group: Sequence[Sequence[int]]) -> int:
