@@ -72,6 +72,7 @@ def main() -> None:
 
     from curate.executors.ray import RayExecutor, RayOptions
     from curate.models import load_tokenizer, resolve_model
+    from curate.pipeline import RunOptions
     from curate.score import score_dataset
     from curate.tokenize import ChatTokenizer
 
@@ -96,7 +97,7 @@ def main() -> None:
         cpu, wall = time.process_time(), time.perf_counter()
         if profile:
             profile.enable()
-        summary = score_dataset(source, out, executor, chat, model_name="simulated", shard_rows=args.shard_rows)
+        summary = score_dataset(source, out, executor, chat, model_name="simulated", run=RunOptions(shard_rows=args.shard_rows))
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         if profile:
             profile.disable()

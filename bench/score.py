@@ -21,6 +21,7 @@ from curate.data import normalise
 from curate.engines.base import EngineSettings
 from curate.engines.hf import HFEngine
 from curate.models import load_tokenizer, resolve_model
+from curate.pipeline import RunOptions
 from curate.score import score_dataset
 from curate.tokenize import ChatTokenizer
 
@@ -93,7 +94,7 @@ def repeated_input(folder: Path, repeat: int, name: str = "input") -> Path:
 def pipeline_rate(label: str, engine, chat: ChatTokenizer, source: Path, folder: Path, tokens: int) -> tuple[float, float]:
     """(tokens/s, seconds) of a whole `score_dataset` run."""
     start = time.perf_counter()
-    score_dataset(source, folder / label.replace(" ", "-"), engine, chat, model_name="bench", shard_rows=64)
+    score_dataset(source, folder / label.replace(" ", "-"), engine, chat, model_name="bench", run=RunOptions(shard_rows=64))
     seconds = time.perf_counter() - start
     print(f"{label:<28} {seconds:8.2f} s  {tokens / seconds:10,.0f} tok/s", flush=True)
     return tokens / seconds, seconds

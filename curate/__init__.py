@@ -11,7 +11,9 @@ __version__ = "0.1.0"
 # shadowed by that submodule once imported, so those two are exported under longer names.
 _EXPORTS = {
     "ChatTokenizer": ("curate.tokenize", "ChatTokenizer"),
-    "make_engine": ("curate.engines.base", "make_engine"),
+    "make_engine": ("curate.engines", "make_engine"),
+    "RunOptions": ("curate.pipeline", "RunOptions"),
+    "Fields": ("curate.data", "Fields"),
     "EngineSettings": ("curate.engines.base", "EngineSettings"),
     "SamplingOptions": ("curate.engines.base", "SamplingOptions"),
     "RayEngines": ("curate.executors.ray", "RayExecutor"),

@@ -12,7 +12,12 @@ from pathlib import Path
 import click
 
 from curate import __version__
+from curate.data import Fields
+from curate.engines.base import EngineSettings, SamplingOptions
+from curate.export import ExportOptions
 from curate.masking import DEFAULT_THRESHOLD
+from curate.pipeline import RunOptions
+from curate.settings import DEFAULT_MAX_LENGTH, SETTINGS
 
 # Commands whose runs are committed shard by shard, so an interrupted one finishes with --resume.
 _RESUMABLE = ("score", "generate")
@@ -74,50 +79,51 @@ def main() -> None:
     """
 
 
-model_option = click.option(
-    "--model", default=None, metavar="DIR",
-    help="Hugging Face model directory (or hub id when online) [default: the bundled SmolLM2-135M-Instruct].")
+def option(name: str, *declarations: str):
+    """The click option of the setting `name` (curate.settings: its one type, default and help)."""
+    spec = SETTINGS[name]
+    flag = f"--{name.replace('_', '-')}"
+    if spec.kind == "bool":
+        return click.option(flag, *declarations, name, is_flag=True, help=spec.help)
+    ranged = spec.minimum is not None or spec.maximum is not None
+    bounds = {"min": spec.minimum, "max": spec.maximum, "min_open": spec.min_open}
+    kind = {"int": click.IntRange(**bounds) if ranged else int, "float": click.FloatRange(**bounds) if ranged else float,
+            "choice": click.Choice(spec.choices), "dir": click.Path(exists=True, file_okay=False, path_type=Path),
+            "str": str}[spec.kind]
+    return click.option(flag, *declarations, name, type=kind, default=spec.default, metavar=spec.metavar,
+                        show_default=spec.default is not None, help=spec.help)
 
-# For commands that read a scored set: the tokenizer to read its token ids with.
-scored_model_option = click.option(
-    "--model", default=None, metavar="DIR",
-    help="The model the set was scored with, for its tokenizer [default: the one its manifest names].")
 
+def options_of(cls, into: str, leave: tuple[str, ...] = ()):
+    """The options of every setting among `cls`'s fields (but `leave`), handed to the command as one
+    `cls` object named `into`: the command line is generated from the library's typed settings."""
+    import dataclasses
 
-system_prompt_option = click.option(
-    "--system-prompt", type=click.Choice(["keep", "merge", "drop"]), default="keep", show_default=True,
-    help="keep: pass system messages to the template; merge: fold them into the first user turn (for templates "
-         "without a system role, e.g. Gemma-2); drop: remove them.")
+    named = {f.name: f.metadata["setting"] for f in dataclasses.fields(cls) if "setting" in f.metadata}
+    named = {attribute: name for attribute, name in named.items() if name not in leave}
 
-train_turns_option = click.option(
-    "--train-turns", type=click.Choice(["all", "last"]), default="all", show_default=True,
-    help="Which assistant turns are targets; the others stay context. A message's `weight: 0` also keeps it out.")
+    def decorate(command):
+        @functools.wraps(command)
+        def with_settings(*args, **kwargs):
+            values = {attribute: kwargs.pop(name) for attribute, name in named.items()}
+            try:
+                built = cls(**values)
+            except ValueError as error:
+                raise click.UsageError(str(error)) from None
+            return command(*args, **{into: built}, **kwargs)
 
-reasoning_option = click.option(
-    "--reasoning", type=click.Choice(["keep", "drop"]), default="keep", show_default=True,
-    help="Reasoning traces (`<think>…</think>` opening an answer, or a `reasoning_content`/`thinking` field): keep: "
-         "trained with the answer, as the model writes them after its generation prompt; drop: answers only (an "
-         "empty think block, where the template opens one, is context). Recorded in the manifest.")
+        for name in reversed(list(named.values())):
+            with_settings = option(name)(with_settings)
+        return with_settings
+
+    return decorate
 
 
 def engine_options(ray: bool = False):
-    """The engine's options (backend, dtype, GPU settings; with `ray`, the Ray ones too), handed to
-    the command as one `engine_choice` (see `_engine`). The command's --max-length is the engine's too."""
-    options = [
-        click.option("--backend", type=click.Choice(["auto", "vllm", "hf"]), default="auto", show_default=True,
-                     help="auto: vllm where installed, else hf (transformers)."),
-        click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
-                     show_default=True, help="auto: float32 on CPU, bfloat16 on GPU."),
-        click.option("--tensor-parallel-size", type=click.IntRange(min=1), default=1, show_default=True,
-                     help="vLLM: GPUs one engine spans (a model too large for one GPU)."),
-        click.option("--gpu-memory-utilization", type=click.FloatRange(0, 1, min_open=True), default=None,
-                     help="vLLM: share of each GPU's memory the engine may take [default: vLLM's, 0.9]."),
-        click.option("--max-num-seqs", type=click.IntRange(min=1), default=None,
-                     help="Sequences per engine step [default: vLLM's; hf generation: 16]."),
-        click.option("--max-num-batched-tokens", type=click.IntRange(min=1), default=None,
-                     help="Tokens per engine step [default: as many as keep the prompt-logprob logits under 4 GiB "
-                          "for the model's vocabulary, 512-16384; hf: 8192]."),
-    ]
+    """The engine's options (backend, and EngineSettings': dtype, GPU settings; with `ray`, the Ray
+    ones too), handed to the command as one `engine_choice` (see `_engine`). The command sets the
+    engine's context from its own --max-length (`_with_context`)."""
+    options = [option("backend")]
     if ray:
         options += [
             click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
@@ -133,14 +139,7 @@ def engine_options(ray: bool = False):
 
     def decorate(command):
         @functools.wraps(command)
-        def with_engine_choice(*args, **kwargs):
-            from curate.engines.base import EngineSettings
-
-            settings = EngineSettings(
-                dtype=kwargs.pop("dtype"), max_model_len=kwargs["max_length"],
-                tensor_parallel_size=kwargs.pop("tensor_parallel_size"),
-                gpu_memory_utilization=kwargs.pop("gpu_memory_utilization"), max_num_seqs=kwargs.pop("max_num_seqs"),
-                max_num_batched_tokens=kwargs.pop("max_num_batched_tokens"))
+        def with_engine_choice(*args, engine_settings, **kwargs):
             ray_options = None
             if ray:
                 from curate.executors.ray import RayOptions
@@ -152,11 +151,11 @@ def engine_options(ray: bool = False):
                     least, most = replicas or (None, None)
                     ray_options = RayOptions(address=None if address == "local" else address, replicas=least,
                                              max_replicas=most, gpus_per_replica=gpus)
-            return command(*args, engine_choice=(kwargs.pop("backend"), settings, ray_options), **kwargs)
+            return command(*args, engine_choice=(kwargs.pop("backend"), engine_settings, ray_options), **kwargs)
 
-        for option in reversed(options):
-            with_engine_choice = option(with_engine_choice)
-        return with_engine_choice
+        for each in reversed(options):
+            with_engine_choice = each(with_engine_choice)
+        return options_of(EngineSettings, "engine_settings")(with_engine_choice)
 
     return decorate
 
@@ -174,13 +173,6 @@ def _replicas(context, parameter, value: str | None) -> tuple[int, int] | None:
     return numbers[0], numbers[-1]
 
 
-limit_option = click.option("--limit", type=click.IntRange(min=1), default=None,
-                            help="Only the first N input rows (to try a command; recorded, so --resume keeps it).")
-
-split_option = click.option("--split", default=None,
-                            help="Which split of a directory input holding several (a DatasetDict saved to disk, "
-                                 "a folder of train-*/test-* Parquet shards) to read.")
-
 allow_empty_option = click.option("--allow-empty", is_flag=True,
                                   help="Exit 0 even when no row could be used (every row rejected) [default: exit 1].")
 
@@ -189,29 +181,39 @@ verify_shards_option = click.option("--verify-shards", is_flag=True,
                                          "[default: its size, row count and identity only].")
 
 
-def _run_flags(input_path: Path, output: Path, resume: bool, overwrite: bool) -> None:
+def _run_flags(input_path: Path, output: Path, run: RunOptions) -> None:
     """Conflicting flags are a usage error; an output the run would refuse is refused now, before
     the engine loads."""
     from curate.store import check_output_dir
 
-    if resume and overwrite:
+    if run.resume and run.overwrite:
         raise click.UsageError("--resume and --overwrite contradict each other: give one")
-    check_output_dir(output, resume, overwrite, input_path)
+    check_output_dir(output, run.resume, run.overwrite, input_path)
 
 
-def _max_length(model_dir: Path, max_length: int) -> int:
-    """--max-length, checked against the model's context: an explicit value beyond it is refused,
-    the default is lowered to it."""
+def _fields_pair(fields: Fields) -> None:
+    if bool(fields.prompt) != bool(fields.response):
+        raise click.UsageError("--prompt-field and --response-field go together")
+
+
+def _max_length(model_dir: Path, max_length: int | None) -> int:
+    """--max-length, checked against the model's context: a value given beyond it is refused, the
+    default (DEFAULT_MAX_LENGTH) is lowered to it."""
     from curate.models import model_context
 
     context = model_context(model_dir)
+    if max_length is None:
+        return min(DEFAULT_MAX_LENGTH, context or DEFAULT_MAX_LENGTH)
     if context is None or max_length <= context:
         return max_length
-    source = click.get_current_context().get_parameter_source("max_length")
-    if source == click.core.ParameterSource.DEFAULT:
-        return context
     raise click.BadParameter(f"{max_length} tokens is more than the model's context of {context} positions "
                              f"({model_dir}/config.json); give at most {context}", param_hint="--max-length")
+
+
+def _with_context(engine_choice, max_length: int):
+    """The engine's context is the command's --max-length: an example the tokenizer lets through fits."""
+    backend, settings, ray_options = engine_choice
+    return backend, replace(settings, max_model_len=max_length), ray_options
 
 
 def _refuse_empty(summary, allow_empty: bool, output: Path) -> None:
@@ -241,58 +243,45 @@ def models(prepare: bool) -> None:
 @click.argument("input_path", metavar="INPUT", type=click.Path(exists=True, path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory for the Parquet shards, manifest.json and rejects.jsonl.")
-@model_option
+@option("model")
 @engine_options(ray=True)
-@click.option("--max-length", type=click.IntRange(min=2), default=4096, show_default=True,
-              help="Longest example in tokens; longer ones are rejected unless --truncate.")
-@click.option("--truncate", is_flag=True, help="Keep the first --max-length tokens of over-long examples (marked `truncated`).")
-@system_prompt_option
-@train_turns_option
-@reasoning_option
-@click.option("--prompt-field", default=None, help="Column holding the prompt (with --response-field), instead of shape detection.")
-@click.option("--response-field", default=None, help="Column holding the response.")
-@click.option("--reference-field", default="reference", show_default=True, help="Column holding the checkable reference answer.")
-@click.option("--shard-rows", type=click.IntRange(min=1), default=512, show_default=True,
-              help="Input rows per Parquet shard (the unit of --resume and of work on Ray).")
-@limit_option
-@split_option
-@click.option("--resume", is_flag=True, help="Finish an interrupted run, keeping its completed shards.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing run in the output directory.")
+@option("max_length")
+@option("truncate")
+@option("system_prompt")
+@option("train_turns")
+@option("reasoning")
+@options_of(Fields, "fields")
+@options_of(RunOptions, "run")
 @allow_empty_option
-@click.option("--quiet", is_flag=True, help="No progress bar, summary table, or the engines' own warnings and logs.")
+@option("quiet")
 @click.option("--verbose", is_flag=True, help="With --quiet: still show the engines' warnings and logs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def score(input_path, output, model, engine_choice, max_length, truncate, system_prompt, train_turns, reasoning, prompt_field,
-          response_field, reference_field, shard_rows, limit, split, resume, overwrite, allow_empty, quiet, verbose,
-          as_json) -> None:
+def score(input_path, output, model, engine_choice, max_length, truncate, system_prompt, train_turns, reasoning, fields, run,
+          allow_empty, quiet, verbose, as_json) -> None:
     """Annotate every token of INPUT with its log-probability under the model.
 
     INPUT: .jsonl, .json, .parquet, .csv, or a `datasets` save_to_disk directory, with
     OpenAI `messages`, ShareGPT `conversations` or Alpaca `instruction`/`output` rows.
     Unusable rows go to OUTPUT/rejects.jsonl with the reason.
     """
-    from curate.data import Fields
     from curate.models import load_tokenizer, resolve_model
     from curate.pipeline import ShardsFailed
     from curate.score import score_dataset
     from curate.store import StoreError
     from curate.tokenize import ChatTokenizer
 
-    if bool(prompt_field) != bool(response_field):
-        raise click.UsageError("--prompt-field and --response-field go together")
-    _run_flags(input_path, output, resume, overwrite)
-    fields = Fields(prompt=prompt_field, response=response_field, reference=reference_field, split=split)
+    _fields_pair(fields)
+    _run_flags(input_path, output, run)
     model_dir = resolve_model(model)
     max_length = _max_length(model_dir, max_length)
-    engine_choice = (engine_choice[0], replace(engine_choice[1], max_model_len=max_length), engine_choice[2])
+    engine_choice = _with_context(engine_choice, max_length)
     try:
         with _errors_as_usage(), _engine_noise_hidden(quiet, verbose), _stdout_to_stderr():
             chat_tokenizer = ChatTokenizer(load_tokenizer(model_dir), max_length=max_length, truncate=truncate,
                                            system_prompt=system_prompt, train_turns=train_turns, reasoning=reasoning)
-            with _engine(engine_choice, model_dir) as engine, _progress(_rows(input_path, limit, split), quiet) as on_progress:
+            with _engine(engine_choice, model_dir) as engine, _progress(_rows(input_path, run, fields), quiet) as on_progress:
                 summary = score_dataset(input_path, output, engine, chat_tokenizer, model_name=str(model or model_dir),
-                                        model_dir=model_dir, fields=fields, shard_rows=shard_rows, limit=limit, resume=resume,
-                                        overwrite=overwrite, on_progress=on_progress)
+                                        model_dir=model_dir, fields=fields, run=run, on_progress=on_progress)
     except (StoreError, ShardsFailed) as error:
         raise click.ClickException(str(error)) from None
     _report(summary, quiet, as_json, title="curate score")
@@ -303,52 +292,24 @@ def score(input_path, output, model, engine_choice, max_length, truncate, system
 @click.argument("scored", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Training file: .parquet or .jsonl (pre-tokenized: input_ids, attention_mask, labels, id).")
-@click.option("--mode", type=click.Choice(["stm", "ground-truth", "self-output", "random-mask"]), default="stm", show_default=True,
-              help="stm: mask surprising target tokens; ground-truth: train on every target token; "
-                   "self-output: the model's own verified answers (SCORED = `curate score` of `curate generate` output); "
-                   "random-mask: STM's control, mask --mask-ratio of the target tokens drawn at random (--seed).")
-@click.option("--on-wrong", type=click.Choice(["drop", "ground-truth"]), default="drop", show_default=True,
-              help="self-output: what to do with prompts that have no verified answer.")
-@click.option("--ground-truth", "ground_truth", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="self-output with --on-wrong ground-truth: the scored ground-truth directory to fall back on.")
-@click.option("--keep-unfinished", is_flag=True,
-              help="self-output: an answer cut off at --max-new-tokens may be chosen [default: never].")
-@click.option("--threshold", type=click.FloatRange(min=0, min_open=True), default=None,
-              help=f"STM: mask target tokens whose perplexity exp(-logprob) exceeds this [default: {DEFAULT_THRESHOLD}, the paper's τ].")
-@click.option("--mask-ratio", type=click.FloatRange(0, 1), default=None,
-              help="STM: instead, mask this fraction of all target tokens of the set, most surprising first (e.g. 0.2); "
-                   "random-mask: mask this fraction of the set's target tokens, drawn at random.")
-@click.option("--per-sample-ratio", type=click.FloatRange(0, 1), default=None,
-              help="STM: instead, mask this fraction of each example's target tokens, most surprising first.")
-@click.option("--seed", type=int, default=0, show_default=True, help="random-mask: the seed of the draw.")
-@click.option("--max-ppl", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Drop examples whose response perplexity (before masking) exceeds this.")
-@click.option("--max-length", type=click.IntRange(min=1), default=None,
-              help="Drop examples longer than this many tokens (set it to Axolotl's sequence_len).")
+@options_of(ExportOptions, "options")
 @click.option("--no-id", is_flag=True, help="Leave the `id` column out of the training file.")
-@click.option("--model", default=None, metavar="DIR",
-              help="The model you will fine-tune; it must be the one the set was scored with [default: the manifest's].")
+@option("model")
 @allow_other_model_option
 @verify_shards_option
-@click.option("--quiet", is_flag=True, help="No summary table.")
+@option("quiet")
 @click.option("--json", "as_json", is_flag=True, help="Print the stats as JSON.")
-def export(scored, output, mode, on_wrong, ground_truth, keep_unfinished, threshold, mask_ratio, per_sample_ratio, seed, max_ppl, max_length, no_id,
-           model, allow_other_model, verify_shards, quiet, as_json):
+def export(scored, output, options, no_id, model, allow_other_model, verify_shards, quiet, as_json):
     """Turn a scored directory into a training set Axolotl trains on as it is.
 
     Masked tokens get label -100. The end-of-turn token always stays trained. Dropped
     examples go to OUTPUT's .dropped.jsonl with their reason; stats to .stats.json.
     """
-    from curate.export import ExportOptions, export as run_export
+    from curate.export import export as run_export
     from curate.store import StoreError
 
     _verify_shards(verify_shards)
-    try:
-        options = ExportOptions(mode=mode, threshold=threshold, mask_ratio=mask_ratio, per_sample_ratio=per_sample_ratio,
-                                max_ppl=max_ppl, max_length=max_length, with_id=not no_id,
-                                on_wrong=on_wrong, ground_truth=ground_truth, keep_unfinished=keep_unfinished, seed=seed)
-    except ValueError as error:
-        raise click.UsageError(str(error)) from None
+    options = replace(options, with_id=not no_id)
     tokenizer = _scored_tokenizer(scored, model, "export", check_model=not allow_other_model)
     try:
         with _errors_as_usage():
@@ -357,7 +318,7 @@ def export(scored, output, mode, on_wrong, ground_truth, keep_unfinished, thresh
         raise click.ClickException(str(error)) from None
     for warning in stats.warnings:  # shown even with --quiet
         click.echo(f"warning: {warning}", err=True)
-    _report(stats, quiet, as_json, title=f"curate export ({mode})")
+    _report(stats, quiet, as_json, title=f"curate export ({options.mode})")
 
 
 @main.command()
@@ -414,7 +375,7 @@ def _echo_comparison(directories, results) -> None:
 @click.argument("input_path", metavar="INPUT", type=click.Path(exists=True, path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory for the answers (Parquet shards + manifest.json + rejects.jsonl); `curate score` reads it.")
-@model_option
+@option("model")
 @engine_options(ray=True)
 @click.option("--verify", "checker", type=click.Choice(["auto", "none", "math", "exact", "code", "choice"]), default="auto", show_default=True,
               help="Check each answer against the reference: math (final number), exact (normalised text), "
@@ -422,32 +383,20 @@ def _echo_comparison(directories, results) -> None:
                    "code (run the reference's asserts, 10 s limit), auto (code or math by what the reference holds).")
 @click.option("--verify-workers", type=click.IntRange(min=1), default=None,
               help="Answers checked at once, while the engine answers the next shard [default: one per core].")
-@click.option("--unsafe-verify", is_flag=True,
-              help="Where bubblewrap cannot start, run answers' code checks without the sandbox (resource limits only).")
-@click.option("--n", type=click.IntRange(min=1), default=1, show_default=True, help="Answers per prompt (the paper: 32).")
-@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0 is greedy (the paper: 0.7).")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True, help="The paper: 0.95.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (reproducible runs).")
+@option("unsafe_verify")
+@options_of(SamplingOptions, "sampling")
 @click.option("--rephrase", is_flag=True, help="Rephrase: the model rewrites the reference answer in its own words.")
-@click.option("--max-length", type=click.IntRange(min=2), default=4096, show_default=True, help="Prompt + answer tokens at most.")
-@system_prompt_option
-@click.option("--reference-field", default="reference", show_default=True)
-@click.option("--shard-rows", type=click.IntRange(min=1), default=128, show_default=True)
-@limit_option
-@split_option
-@click.option("--resume", is_flag=True, help="Finish an interrupted run.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing run.")
+@option("max_length")
+@option("system_prompt")
+@options_of(Fields, "fields", leave=("prompt_field", "response_field"))
+@options_of(RunOptions, "run")
 @allow_empty_option
-@click.option("--quiet", is_flag=True, help="No progress bar, summary table, or the engines' own warnings and logs.")
+@option("quiet")
 @click.option("--verbose", is_flag=True, help="With --quiet: still show the engines' warnings and logs.")
 @click.option("--json", "as_json", is_flag=True)
-def generate(input_path, output, model, engine_choice, checker, verify_workers, unsafe_verify, n, temperature, top_p, max_new_tokens,
-             seed, rephrase, max_length, system_prompt, reference_field, shard_rows, limit, split, resume, overwrite, allow_empty,
-             quiet, verbose, as_json):
+def generate(input_path, output, model, engine_choice, checker, verify_workers, unsafe_verify, sampling, rephrase, max_length,
+             system_prompt, fields, run, allow_empty, quiet, verbose, as_json):
     """The model's own answers to INPUT's prompts (self-output), checked against the reference."""
-    from curate.data import Fields
-    from curate.engines.base import SamplingOptions
     from curate.generate import generate_dataset
     from curate.models import load_tokenizer, resolve_model
     from curate.pipeline import ShardsFailed
@@ -455,21 +404,19 @@ def generate(input_path, output, model, engine_choice, checker, verify_workers, 
     from curate.store import StoreError
     from curate.tokenize import ChatTokenizer
 
-    _run_flags(input_path, output, resume, overwrite)
+    _run_flags(input_path, output, run)
     model_dir = resolve_model(model)
     max_length = _max_length(model_dir, max_length)
-    engine_choice = (engine_choice[0], replace(engine_choice[1], max_model_len=max_length), engine_choice[2])
+    engine_choice = _with_context(engine_choice, max_length)
     try:
         chat_tokenizer = ChatTokenizer(load_tokenizer(model_dir), max_length=max_length, system_prompt=system_prompt)
     except ValueError as error:
         raise click.ClickException(str(error)) from None
-    sampling = SamplingOptions(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
     try:
         with _errors_as_usage(), _engine_noise_hidden(quiet, verbose), _stdout_to_stderr():
-            with _engine(engine_choice, model_dir) as engine, _progress(_rows(input_path, limit, split), quiet) as on_progress:
+            with _engine(engine_choice, model_dir) as engine, _progress(_rows(input_path, run, fields), quiet) as on_progress:
                 summary = generate_dataset(input_path, output, engine, chat_tokenizer, sampling, checker=checker,
-                                           rephrase=rephrase, fields=Fields(reference=reference_field, split=split), shard_rows=shard_rows,
-                                           limit=limit, resume=resume, overwrite=overwrite, on_progress=on_progress,
+                                           rephrase=rephrase, fields=fields, run=run, on_progress=on_progress,
                                            verify_workers=verify_workers, unsafe_verify=unsafe_verify)
     except (StoreError, SandboxUnavailable, ShardsFailed) as error:
         raise click.ClickException(str(error)) from None
@@ -480,11 +427,10 @@ def generate(input_path, output, model, engine_choice, checker, verify_workers, 
 @main.command()
 @click.argument("scored", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The HTML file to write.")
-@click.option("--threshold", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_THRESHOLD, show_default=True,
-              help="The τ to mark: tokens above it are what STM masks.")
+@option("threshold")
 @click.option("--examples", type=click.IntRange(min=0), default=6, show_default=True,
               help="Examples per set rendered token by token, spread from the most surprising response down.")
-@scored_model_option
+@option("model")
 def report(scored, output, threshold, examples, model):
     """One self-contained HTML page (no network needed to view it) showing where the
     perplexity of SCORED is; with several scored sets, their distributions side by side.
@@ -496,7 +442,7 @@ def report(scored, output, threshold, examples, model):
     scored = [directory for directory in scored if not is_experiment(directory)]
     tokenizers = [_scored_tokenizer(directory, model, "the report") for directory in scored]
     with _errors_as_usage():
-        path = write_report(list(scored), output, tokenizers, threshold=threshold, examples=examples,
+        path = write_report(list(scored), output, tokenizers, threshold=threshold or DEFAULT_THRESHOLD, examples=examples,
                             experiments=experiments)
     click.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)", err=True)
 
@@ -508,10 +454,9 @@ def report(scored, output, threshold, examples, model):
               help="Show the example at this 0-based position in the scored set (repeatable).")
 @click.option("--top", type=click.IntRange(min=1), default=None,
               help="Show the N examples of highest response perplexity [default: 1 without --id/--index].")
-@click.option("--threshold", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_THRESHOLD, show_default=True,
-              help="Mark target tokens above this perplexity as masked, as `export --mode stm` would.")
+@option("threshold")
 @click.option("--color/--no-color", default=None, help="Force colour on or off [default: colour on a terminal].")
-@scored_model_option
+@option("model")
 def inspect(scored, ids, indices, top, threshold, color, model):
     """The tokens of a few scored examples, coloured by perplexity, masked ones struck through."""
     from rich.console import Console
@@ -521,6 +466,7 @@ def inspect(scored, ids, indices, top, threshold, color, model):
     if sum(map(bool, (ids, indices, top))) > 1:
         raise click.UsageError("give one of --id, --index, --top")
     tokenizer = _scored_tokenizer(scored, model, "inspect")
+    threshold = threshold or DEFAULT_THRESHOLD
     try:
         chosen = select_examples(scored, ids=ids, indices=indices, top=top)
     except KeyError as error:
@@ -549,37 +495,37 @@ def _scored_tokenizer(scored: Path, model: str | None, purpose: str, check_model
     return tokenizer
 
 
+PREVIEW_ROWS = 3  # rows `curate preview` shows without --limit
+
+
 @main.command()
 @click.argument("input_path", metavar="INPUT", type=click.Path(exists=True, path_type=Path))
-@model_option
-@click.option("--limit", type=click.IntRange(min=1), default=3, show_default=True, help="How many rows to show, from the first.")
-@system_prompt_option
-@train_turns_option
-@reasoning_option
-@click.option("--max-length", type=click.IntRange(min=2), default=4096, show_default=True)
-@click.option("--prompt-field", default=None, help="Column holding the prompt (with --response-field).")
-@click.option("--response-field", default=None, help="Column holding the response.")
+@option("model")
+@option("limit")
+@option("system_prompt")
+@option("train_turns")
+@option("reasoning")
+@option("max_length")
+@options_of(Fields, "fields", leave=("reference_field",))
 @click.option("--color/--no-color", default=None, help="Force colour on or off [default: colour on a terminal].")
 @click.option("--json", "as_json", is_flag=True, help="Print the tokens as JSON, for scripts.")
-def preview(input_path, model, limit, system_prompt, train_turns, reasoning, max_length, prompt_field, response_field, color, as_json):
+def preview(input_path, model, limit, system_prompt, train_turns, reasoning, max_length, fields, color, as_json):
     """Show how the first rows of INPUT render with the model's chat template, the trained
     tokens marked and the end-of-turn token named: the tokenizer only, nothing is scored."""
     import json
 
     from rich.console import Console
 
-    from curate.data import Fields
     from curate.models import load_tokenizer, resolve_model
     from curate.preview import preview as build_preview, render_preview
     from curate.tokenize import ChatTokenizer
 
-    if bool(prompt_field) != bool(response_field):
-        raise click.UsageError("--prompt-field and --response-field go together")
+    _fields_pair(fields)
     with _errors_as_usage():
         tokenizer_dir = Path(model) if model and Path(model).is_dir() else resolve_model(model)  # no weights needed
-        chat_tokenizer = ChatTokenizer(load_tokenizer(tokenizer_dir), max_length=max_length,
+        chat_tokenizer = ChatTokenizer(load_tokenizer(tokenizer_dir), max_length=max_length or DEFAULT_MAX_LENGTH,
                                        system_prompt=system_prompt, train_turns=train_turns, reasoning=reasoning)
-        items = build_preview(input_path, chat_tokenizer, Fields(prompt=prompt_field, response=response_field), limit)
+        items = build_preview(input_path, chat_tokenizer, fields, limit or PREVIEW_ROWS)
     if as_json:
         click.echo(json.dumps({"end_of_turn": chat_tokenizer.options()["end_of_turn"], "rows": items}, ensure_ascii=False, indent=1))
         return
@@ -592,12 +538,12 @@ def preview(input_path, model, limit, system_prompt, train_turns, reasoning, max
                                              "NAME=FILE evaluates the task on FILE's rows instead of its --split.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory for per-task results (<task>.parquet) and results.json.")
-@click.option("--split", default="test", show_default=True, help="Which split of each task to evaluate on.")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N examples of each task (quick runs).")
+@option("split")
+@option("limit")
 @engine_options()
-@click.option("--max-length", type=click.IntRange(min=2), default=4096, show_default=True)
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True, help="Generation tasks: answer length cap.")
-@click.option("--unsafe-verify", is_flag=True, help="Where bubblewrap cannot start, run code checks without the sandbox.")
+@option("max_length")
+@option("max_new_tokens")
+@option("unsafe_verify")
 @click.option("--gold-nll-only", is_flag=True,
               help="Only the gold answers' NLL per token (no generation, no options): cheap, e.g. to pick an epoch.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
@@ -613,9 +559,11 @@ def eval_command(model, tasks, output, split, limit, engine_choice, max_length, 
     from curate.tokenize import ChatTokenizer
 
     model_dir = resolve_model(model)
+    max_length = _max_length(model_dir, max_length)
+    engine_choice = _with_context(engine_choice, max_length)
     try:
         with _errors_as_usage(), _stdout_to_stderr():
-            files = _task_files(tasks, split)
+            files = _task_files(tasks, split or "test")
             for path in files.values():  # results never land on, in or around a task's rows
                 refuse_overlap(path, output)
             chat_tokenizer = ChatTokenizer(load_tokenizer(model_dir), max_length=max_length)
@@ -761,7 +709,7 @@ def check_recipe(recipe, data, output, variables, no_check, allow_other_model):
 @contextmanager
 def _engine(engine_choice, model_dir):
     """The engine the options chose: one in this process, or replicas on Ray (closed afterwards)."""
-    from curate.engines.base import make_engine
+    from curate.engines import make_engine
 
     backend, settings, ray_options = engine_choice
     if ray_options is None:
@@ -786,11 +734,12 @@ def _verify_shards(full: bool) -> None:
         os.environ["CURATE_VERIFY_SHARDS"] = "1"
 
 
-def _rows(input_path: Path, limit: int | None, split: str | None = None) -> int | None:
+def _rows(input_path: Path, run: RunOptions, fields: Fields) -> int | None:
+    """The progress bar's total: input rows (up to --limit), where counting them is cheap."""
     from curate.data import count_rows
 
-    total = count_rows(input_path) if split is None else None
-    return min(total, limit) if total is not None and limit else total or limit
+    total = count_rows(input_path) if fields.split is None else None
+    return min(total, run.limit) if total is not None and run.limit else total or run.limit
 
 
 @contextmanager

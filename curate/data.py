@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from curate.errors import CurateError
+from curate.settings import setting
 
 T = TypeVar("T")
 
@@ -66,11 +67,11 @@ class RowError(Exception):
 class Fields:
     """Which columns hold what. `prompt`/`response` override shape detection."""
 
-    prompt: str | None = None
-    response: str | None = None
-    reference: str = "reference"
+    prompt: str | None = setting("prompt_field")
+    response: str | None = setting("response_field")
+    reference: str = setting("reference_field")
     id: str = "id"
-    split: str | None = None  # which split of a directory input (a DatasetDict, a hub download) to read
+    split: str | None = setting("split")  # which split of a directory input (a DatasetDict, a hub download) to read
 
 
 # ---------------------------------------------------------------- readers

@@ -126,13 +126,15 @@ def _generation(source: Path, generated: Path, engine, chat_tokenizer: ChatToken
     """Greedy answers checked by the task's checker; resumable (the generated directory)."""
     from curate.engines.base import SamplingOptions
     from curate.generate import generate_dataset
+    from curate.pipeline import RunOptions
     from curate.store import read_manifest
 
     import polars as pl
 
     # Resuming a finished run only checks that its options (the model among them) are these.
     generate_dataset(source, generated, engine, chat_tokenizer, SamplingOptions(max_new_tokens=max_new_tokens),
-                     checker=checker, resume=(generated / "manifest.json").exists(), unsafe_verify=unsafe_verify)
+                     checker=checker, run=RunOptions(resume=(generated / "manifest.json").exists()),
+                     unsafe_verify=unsafe_verify)
 
     answers = pl.read_parquet([str(generated / s["file"]) for s in read_manifest(generated).shards],
                               columns=["id", "verified", "verify_reason", "finished", "n_tokens"])

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from curate import masking
 from curate.models import tokenizer_fingerprint
+from curate.settings import setting
 from curate.store import StoreError, open_scored, require_tokenizer
 
 MODES = ("ground-truth", "stm", "self-output", "random-mask")
@@ -46,17 +47,17 @@ class ExportOptions:
     """What to keep. For `stm`, give exactly one of threshold, mask_ratio, per_sample_ratio;
     for `random-mask` (STM's control), mask_ratio and seed."""
 
-    mode: str = "stm"
-    threshold: float | None = None  # token perplexity τ; masks ppl > τ
-    mask_ratio: float | None = None  # mask this fraction of the set's target tokens (most surprising)
-    per_sample_ratio: float | None = None  # ... or this fraction within each example
-    max_ppl: float | None = None  # drop examples whose response perplexity (before masking) exceeds this
-    max_length: int | None = None  # drop examples longer than this (Axolotl's sequence_len would drop them)
+    mode: str = setting("mode")
+    threshold: float | None = setting("threshold")  # token perplexity τ; masks ppl > τ
+    mask_ratio: float | None = setting("mask_ratio")  # mask this fraction of the set's target tokens (most surprising)
+    per_sample_ratio: float | None = setting("per_sample_ratio")  # ... or this fraction within each example
+    max_ppl: float | None = setting("max_ppl")  # drop examples whose response perplexity (before masking) exceeds this
+    max_length: int | None = setting("max_length")  # drop longer examples (Axolotl's sequence_len would drop them)
     with_id: bool = True
-    on_wrong: str = "drop"  # self-output: prompts with no verified answer are dropped, or ...
-    ground_truth: Path | None = None  # ... take their ground truth from this scored directory
-    keep_unfinished: bool = False  # self-output: may an answer cut off at --max-new-tokens be chosen
-    seed: int = 0  # random-mask: which tokens are drawn
+    on_wrong: str = setting("on_wrong")  # self-output: prompts with no verified answer are dropped, or ...
+    ground_truth: Path | None = setting("ground_truth")  # ... take their ground truth from this scored directory
+    keep_unfinished: bool = setting("keep_unfinished")  # self-output: may an answer cut off at --max-new-tokens be chosen
+    seed: int = setting("seed")  # random-mask: which tokens are drawn
 
     def __post_init__(self):
         if self.mode not in MODES:

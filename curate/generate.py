@@ -22,7 +22,7 @@ from curate.data import Example, Fields, RowError, check_input
 from curate.engines.base import Answers, Engine, SamplingOptions
 from curate.executors import as_executor
 from curate.models import tokenizer_fingerprint
-from curate.pipeline import Shard, plan, run_pipeline
+from curate.pipeline import RunOptions, Shard, plan, run_pipeline
 from curate.store import MESSAGE, ShardWriter, input_fingerprint
 from curate.tokenize import ChatTokenizer
 from curate.verify import ONE_PROCESS, verify_all
@@ -48,6 +48,9 @@ REPHRASE_PROMPT = (
     "Using the reference answer as a guide, write your own response.\n\n"
     "### Instruction:\n{instruction}\n\n### Reference Answer:\n{reference}\n\n### Response:\n"
 )
+
+
+SHARD_ROWS = 128  # prompts per shard when --shard-rows is not given: answers take longer than scores
 
 
 @dataclass
@@ -86,10 +89,7 @@ def generate_dataset(
     checker: str = "none",
     rephrase: bool = False,
     fields: Fields = Fields(),
-    shard_rows: int = 128,
-    limit: int | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
+    run: RunOptions = RunOptions(),
     on_progress: Callable[[int, int], None] | None = None,
     verify_workers: int | None = None,
     unsafe_verify: bool = False,
@@ -107,12 +107,12 @@ def generate_dataset(
     meta = {"kind": "generated", "input": input_fingerprint(input_path), "model": executor.model_name,
             "tokenizer": tokenizer_fingerprint(tokenizer), "backend": executor.backend, "dtype": executor.dtype,
             "fields": asdict(fields), "max_length": chat_tokenizer.max_length, "truncate": False,
-            "targets": chat_tokenizer.options(), "shard_rows": shard_rows, "limit": limit,
+            "targets": chat_tokenizer.options(), "shard_rows": run.rows_per_shard(SHARD_ROWS), "limit": run.limit,
             "sampling": asdict(sampling), "checker": checker, "rephrase": rephrase}
     check_input(input_path, fields)
     step = GenerateStep(chat_tokenizer, sampling, checker, verify_workers, unsafe_verify, rephrase)
-    with ShardWriter(output_dir, meta, schema=GENERATED_SCHEMA, resume=resume, overwrite=overwrite) as writer:
-        run_pipeline(step, executor, plan(input_path, fields, writer, limit), writer, on_progress)
+    with ShardWriter(output_dir, meta, schema=GENERATED_SCHEMA, resume=run.resume, overwrite=run.overwrite) as writer:
+        run_pipeline(step, executor, plan(input_path, fields, writer, run.limit), writer, on_progress)
         summary = _summarise(output_dir, writer, time.perf_counter() - started, executor.backend)
         writer.finish(asdict(summary))
     return summary

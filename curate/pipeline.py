@@ -21,7 +21,23 @@ import pyarrow as pa
 
 from curate.data import Example, Fields, RowError, prepare_rows, read_records
 from curate.errors import CurateError
+from curate.settings import setting
 from curate.store import ShardWriter, write_shard_file
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run reads its input and commits its output (score and generate; recorded in the
+    manifest, so --resume keeps them). `shard_rows` None: the command's own (`SHARD_ROWS` in
+    score.py and generate.py)."""
+
+    shard_rows: int | None = setting("shard_rows")
+    limit: int | None = setting("limit")
+    resume: bool = setting("resume")
+    overwrite: bool = setting("overwrite")
+
+    def rows_per_shard(self, step_default: int) -> int:
+        return self.shard_rows or step_default
 
 
 @dataclass

@@ -16,9 +16,11 @@ from curate.data import Example, Fields, check_input, normalise
 from curate.engines.base import Engine
 from curate.executors import as_executor
 from curate.models import model_fingerprint, tokenizer_fingerprint
-from curate.pipeline import Shard, plan, run_pipeline
+from curate.pipeline import RunOptions, Shard, plan, run_pipeline
 from curate.store import SCORED_SCHEMA, ShardWriter, input_fingerprint
 from curate.tokenize import ChatTokenizer, TokenizedExample
+
+SHARD_ROWS = 512  # input rows per shard when --shard-rows is not given
 
 
 @dataclass
@@ -46,10 +48,7 @@ def score_dataset(
     model_name: str,
     model_dir: Path | None = None,
     fields: Fields = Fields(),
-    shard_rows: int = 512,
-    limit: int | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
+    run: RunOptions = RunOptions(),
     on_progress: Callable[[int, int], None] | None = None,
 ) -> ScoreSummary:
     """Score every row of `input_path` into `output_dir`; returns the run's summary.
@@ -73,11 +72,11 @@ def score_dataset(
         "fields": asdict(fields),
         "max_length": chat_tokenizer.max_length,
         "truncate": chat_tokenizer.truncate,
-        "shard_rows": shard_rows, "limit": limit,
+        "shard_rows": run.rows_per_shard(SHARD_ROWS), "limit": run.limit,
     }
     check_input(input_path, fields)
-    with ShardWriter(output_dir, meta, resume=resume, overwrite=overwrite) as writer:
-        run_pipeline(ScoreStep(chat_tokenizer), executor, plan(input_path, fields, writer, limit), writer, on_progress)
+    with ShardWriter(output_dir, meta, resume=run.resume, overwrite=run.overwrite) as writer:
+        run_pipeline(ScoreStep(chat_tokenizer), executor, plan(input_path, fields, writer, run.limit), writer, on_progress)
         summary = summarise_scored(output_dir, writer, time.perf_counter() - started, executor.backend, model_name)
         writer.finish(asdict(summary))
     return summary

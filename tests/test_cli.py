@@ -15,6 +15,7 @@ from curate import masking, stats
 from curate.cli import main
 from curate.export import ExportOptions
 from curate.models import ModelError, resolve_model
+from curate.settings import SETTINGS
 
 pytestmark = pytest.mark.fast
 
@@ -22,26 +23,6 @@ PACKAGE = Path(curate.__file__).parent
 
 # Options whose meaning is, by nature, each command's own: what that command writes, or prints as JSON.
 PER_COMMAND = {"--output", "--json"}
-
-# Names declared more than once today with another default or help text. Issue 20's typed settings
-# (RunOptions, EngineSettings, ExportOptions, each the one definition of its options) remove them: strike a
-# name here once it has one definition. The list may only shrink.
-KNOWN_DUPLICATES = {
-    "--limit",  # input rows (score, generate), rows shown (preview), examples per task (eval)
-    "--max-length",  # model context (score, preview, eval), export's sequence_len, prompt + answer (generate)
-    "--max-new-tokens",
-    "--model",  # the model to score with, or the one a scored set was scored with
-    "--overwrite",
-    "--prompt-field",
-    "--quiet",
-    "--reference-field",
-    "--resume",
-    "--seed",  # random-mask's draw (export), sampling (generate)
-    "--shard-rows",  # 512 (score), 128 (generate)
-    "--split",  # a directory input's split (score, generate), a benchmark's (eval)
-    "--threshold",  # the same τ, three help texts
-    "--unsafe-verify",
-}
 
 
 def commands(group: click.Group = main, prefix: str = ""):
@@ -67,12 +48,21 @@ def definitions() -> dict[str, dict[str, tuple]]:
 
 def test_each_option_name_has_one_definition():
     defined_differently = {
-        name for name, uses in definitions().items() if len(set(uses.values())) > 1 and name not in PER_COMMAND
+        name: uses for name, uses in definitions().items() if len(set(uses.values())) > 1 and name not in PER_COMMAND
     }
-    new = defined_differently - KNOWN_DUPLICATES
-    assert not new, f"defined again with another default or help: {sorted(new)}; give each one definition"
-    fixed = KNOWN_DUPLICATES - defined_differently
-    assert not fixed, f"{sorted(fixed)} now have one definition: strike them from KNOWN_DUPLICATES"
+    assert not defined_differently, f"defined again with another default or help: {sorted(defined_differently)}"
+
+
+def test_every_setting_is_an_option_of_some_command_with_its_help():
+    """The settings table is the options' one source: each entry reaches the command line, as written there."""
+    used = {}
+    for _, command in commands():
+        for option in command.params:
+            if isinstance(option, click.Option) and option.name in SETTINGS:
+                used[option.name] = option
+    assert set(used) == set(SETTINGS), f"settings no command offers: {sorted(set(SETTINGS) - set(used))}"
+    for name, option in used.items():
+        assert option.help == SETTINGS[name].help and option.opts[-1] == f"--{name.replace('_', '-')}", name
 
 
 def test_every_threshold_defaults_to_the_papers_tau():

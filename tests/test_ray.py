@@ -16,6 +16,7 @@ import polars as pl
 import pytest
 
 from conftest import run_curate
+from curate.pipeline import RunOptions
 from curate.store import JOURNAL, read_manifest
 
 pytestmark = pytest.mark.slow
@@ -45,7 +46,7 @@ def test_ray_output_equals_the_plain_run_and_a_killed_replica_loses_and_repeats_
 
     source = _repeated_sample(tmp_path, sample_path, copies=4)  # 328 rows, 41 shards
     plain = tmp_path / "plain"
-    score_dataset(source, plain, vllm_engine, chat_tokenizer, model_name="default", shard_rows=8)
+    score_dataset(source, plain, vllm_engine, chat_tokenizer, model_name="default", run=RunOptions(shard_rows=8))
 
     out = tmp_path / "ray"
     process = subprocess.Popen([sys.executable, "-m", "curate", "score", str(source), "-o", str(out), "--backend", "vllm",
@@ -119,7 +120,7 @@ def test_the_driver_reads_and_commits_but_never_tokenizes(tmp_path, sample_path,
     monkeypatch.setattr(ChatTokenizer, "encode", lambda self, *a, **k: calls.append(1) or encode(self, *a, **k))
     executor = RayExecutor("hf", model_dir, EngineSettings(dtype="float32"), RayOptions(replicas=1))
     try:
-        score_dataset(sample_path, tmp_path / "ray", executor, chat_tokenizer, model_name="default", shard_rows=16)
+        score_dataset(sample_path, tmp_path / "ray", executor, chat_tokenizer, model_name="default", run=RunOptions(shard_rows=16))
     finally:
         executor.close()
     assert calls == []

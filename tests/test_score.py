@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import run_curate
+from curate.pipeline import RunOptions
 from curate.score import score_dataset
 from curate.store import JOURNAL, REJECTS, SCORED_SCHEMA, StoreError, file_metadata, read_manifest
 
@@ -37,7 +38,7 @@ def test_rows_in_equal_rows_out_plus_rejects(tmp_path, sample_path, hf_engine, c
     source = tmp_path / "mixed.jsonl"
     source.write_text("\n".join(lines) + "\n")
 
-    summary = score_dataset(source, tmp_path / "out", hf_engine, chat_tokenizer, model_name="default", shard_rows=3)
+    summary = score_dataset(source, tmp_path / "out", hf_engine, chat_tokenizer, model_name="default", run=RunOptions(shard_rows=3))
 
     scored, rejects = _scored(tmp_path / "out"), _rejects(tmp_path / "out")
     assert summary.rows_in == len(lines) == scored.height + len(rejects)
@@ -86,7 +87,7 @@ def test_resume_refuses_a_run_with_other_options(tmp_path, sample_path, hf_engin
     score_dataset(sample_path, tmp_path / "run", hf_engine, chat_tokenizer, model_name="default")
     other = ChatTokenizer(chat_tokenizer.tokenizer, max_length=128, truncate=True)
     with pytest.raises(StoreError, match="max_length differs"):
-        score_dataset(sample_path, tmp_path / "run", hf_engine, other, model_name="default", resume=True)
+        score_dataset(sample_path, tmp_path / "run", hf_engine, other, model_name="default", run=RunOptions(resume=True))
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
@@ -120,7 +121,7 @@ def test_resume_discards_a_half_written_shard_and_its_rejects(tmp_path, hf_engin
     source = tmp_path / "in.jsonl"
     source.write_text("\n".join([lines[0], "{bad", *lines[1:]]) + "\n")
     out = tmp_path / "out"
-    score_dataset(source, out, hf_engine, chat_tokenizer, model_name="default", shard_rows=2)
+    score_dataset(source, out, hf_engine, chat_tokenizer, model_name="default", run=RunOptions(shard_rows=2))
     manifest = read_manifest(out)
     # Simulate a crash after shard 1 was recorded: later shards and rejects written but not recorded.
     manifest_path = out / "manifest.json"
@@ -131,7 +132,7 @@ def test_resume_discards_a_half_written_shard_and_its_rejects(tmp_path, hf_engin
     with open(out / REJECTS, "a") as handle:
         handle.write('{"row": 99, "reason": "left over"}\n')
 
-    score_dataset(source, out, hf_engine, chat_tokenizer, model_name="default", shard_rows=2, resume=True)
+    score_dataset(source, out, hf_engine, chat_tokenizer, model_name="default", run=RunOptions(shard_rows=2, resume=True))
 
     assert sorted(_scored(out)["row"].to_list() + [r["row"] for r in _rejects(out)]) == list(range(7))
     assert [r["row"] for r in _rejects(out)] == [1]
@@ -143,7 +144,7 @@ def test_resume_reads_the_shard_journal_and_ignores_a_torn_last_line(tmp_path, h
     source = tmp_path / "in.jsonl"
     source.write_text("\n".join(sample_path.read_text().splitlines()[:6]) + "\n")
     out = tmp_path / "out"
-    score_dataset(source, out, hf_engine, chat_tokenizer, model_name="default", shard_rows=2)
+    score_dataset(source, out, hf_engine, chat_tokenizer, model_name="default", run=RunOptions(shard_rows=2))
     whole = _scored(out)
     # The state of a run that died while appending shard 2's line: the manifest holds only the
     # options, the journal two whole lines and a torn third; shard 2's file is there, unrecorded.
@@ -153,7 +154,7 @@ def test_resume_reads_the_shard_journal_and_ignores_a_torn_last_line(tmp_path, h
     (out / JOURNAL).write_text("".join(json.dumps(shard) + "\n" for shard in shards[:2]) + json.dumps(shards[2])[:30])
     assert [shard["file"] for shard in read_manifest(out).shards] == ["part-00000.parquet", "part-00001.parquet"]
 
-    score_dataset(source, out, hf_engine, chat_tokenizer, model_name="default", shard_rows=2, resume=True)
+    score_dataset(source, out, hf_engine, chat_tokenizer, model_name="default", run=RunOptions(shard_rows=2, resume=True))
 
     manifest = read_manifest(out)
     assert manifest.complete and not (out / JOURNAL).exists()

@@ -13,6 +13,7 @@ from conftest import run_curate
 from curate.engines.base import SamplingOptions
 from curate.export import ExportOptions, dropped_path, export
 from curate.generate import generate_dataset
+from curate.pipeline import RunOptions
 from curate.score import score_dataset
 from curate.store import StoreError, read_manifest
 
@@ -129,8 +130,8 @@ def test_resume_refuses_any_changed_option_and_names_it(tmp_path, sample_path, h
     score_dataset(source, tmp_path / "run", hf_engine, chat_tokenizer, model_name="default", model_dir=model_dir)
     merged = ChatTokenizer(chat_tokenizer.tokenizer, max_length=4096, system_prompt="merge")
     with pytest.raises(StoreError, match="targets differs"):
-        score_dataset(source, tmp_path / "run", hf_engine, merged, model_name="default", model_dir=model_dir, resume=True)
+        score_dataset(source, tmp_path / "run", hf_engine, merged, model_name="default", model_dir=model_dir, run=RunOptions(resume=True))
     run = read_manifest(tmp_path / "run")
     (tmp_path / "run" / "manifest.json").write_text(json.dumps(run.to_json() | {"meta": run.meta | {"dtype": "bfloat16"}}))
     with pytest.raises(StoreError, match="dtype differs"):
-        score_dataset(source, tmp_path / "run", hf_engine, chat_tokenizer, model_name="default", model_dir=model_dir, resume=True)
+        score_dataset(source, tmp_path / "run", hf_engine, chat_tokenizer, model_name="default", model_dir=model_dir, run=RunOptions(resume=True))

@@ -17,6 +17,8 @@ from typing import Protocol
 
 import numpy as np
 
+from curate.settings import DEFAULT_MAX_LENGTH, setting
+
 # Bytes the prompt-logprob logits of one engine step may take: vLLM materialises a float32
 # [scheduled tokens x vocabulary] array and its log-softmax, which its memory profiling does not
 # reserve, so the token budget of a step follows from the vocabulary size. 4 GiB: 4,185 tokens
@@ -32,12 +34,12 @@ class EngineSettings:
     kv_cache_gib: the KV cache on CPU (vLLM would otherwise claim most of the RAM).
     """
 
-    dtype: str = "auto"
-    max_model_len: int = 4096
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float | None = None
-    max_num_seqs: int | None = None
-    max_num_batched_tokens: int | None = None
+    dtype: str = setting("dtype")
+    max_model_len: int = DEFAULT_MAX_LENGTH  # the command's --max-length, lowered to the model's context
+    tensor_parallel_size: int = setting("tensor_parallel_size")
+    gpu_memory_utilization: float | None = setting("gpu_memory_utilization")
+    max_num_seqs: int | None = setting("max_num_seqs")
+    max_num_batched_tokens: int | None = setting("max_num_batched_tokens")
     kv_cache_gib: float = 2.0
 
 
@@ -45,11 +47,11 @@ class EngineSettings:
 class SamplingOptions:
     """Greedy by default; the paper's Self-Output used n=32, temperature 0.7, top-p 0.95."""
 
-    n: int = 1
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_new_tokens: int = 512
-    seed: int = 0
+    n: int = setting("n")
+    temperature: float = setting("temperature")
+    top_p: float = setting("top_p")
+    max_new_tokens: int = setting("max_new_tokens")
+    seed: int = setting("seed")
 
 
 Answers = list[list[tuple[list[int], bool]]]  # per prompt, n x (token ids without the stop token, finished)
@@ -65,28 +67,6 @@ class Engine(Protocol):
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingOptions) -> Answers: ...
 
     def close(self) -> None: ...
-
-
-def default_backend() -> str:
-    """vllm where it imports, else hf."""
-    import importlib.util
-
-    return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
-
-
-def make_engine(backend: str, model_dir, settings: EngineSettings = EngineSettings()) -> Engine:
-    """The engine of `backend` (vllm, hf, or auto) for the model in `model_dir`."""
-    if backend == "auto":
-        backend = default_backend()
-    if backend == "hf":
-        from curate.engines.hf import HFEngine
-
-        return HFEngine(model_dir, settings)
-    if backend == "vllm":
-        from curate.engines.vllm import VLLMEngine
-
-        return VLLMEngine(model_dir, settings)
-    raise ValueError(f"unknown backend {backend!r} (expected vllm, hf or auto)")
 
 
 def default_batched_tokens(vocab_size: int) -> int:

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from curate.data import prefetched
-from curate.engines.base import EngineSettings, make_engine
+from curate.engines import make_engine
+from curate.engines.base import EngineSettings
 from curate.pipeline import Shard, ShardResult, ShardsFailed, Step, finish_step, prepare_shard
 
 # Shards sent to a replica ahead of the one it works on, so it never waits for the driver.
