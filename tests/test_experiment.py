@@ -110,12 +110,12 @@ def scored_tasks(tmp_path_factory, model_dir, hf_engine, chat_tokenizer):
     """The first training rows of ARC-Easy (answers of a few words) and GSM8K (worked solutions), really scored."""
     from curate.benchmarks import split_of, write_jsonl
     from curate.evaluate import task_file
-    from curate.experiment import _read_jsonl
+    from curate.files import read_jsonl
     from curate.score import score_dataset
 
     folder, scored = tmp_path_factory.mktemp("short-answers"), {}
     for task, split in (("arc_easy", "test"), ("gsm8k", "train")):
-        rows = [row for row in _read_jsonl(task_file(task, split)) if split_of(row["id"]) == "train"][:12]
+        rows = [row for row in read_jsonl(task_file(task, split)) if split_of(row["id"]) == "train"][:12]
         write_jsonl(folder / f"{task}.jsonl", rows)
         scored[task] = folder / f"{task}-scored"
         score_dataset(folder / f"{task}.jsonl", scored[task], hf_engine, chat_tokenizer, model_name="default",

@@ -1,0 +1,91 @@
+"""What each masking run masked on the training set: tokens by kind (numbers, GSM8K calculator
+annotations, formatting, words) and the tokens masked most often, for the report to explain a
+result with."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+CATEGORIES = ("number", "calculator", "formatting", "word")
+_ANNOTATION = re.compile(r"<<[^>]*>>")
+
+
+def token_categories(texts: list[str]) -> list[str]:
+    """The kind of each token of one answer, from the tokens' texts in order: `calculator` inside a
+    GSM8K calculator annotation `<<48/2=24>>` (its brackets included), `number` (a digit outside
+    one), `formatting` (only whitespace, punctuation or symbols: newlines, `.`, `$`, `**`), else `word`."""
+    text = "".join(texts)
+    spans = [match.span() for match in _ANNOTATION.finditer(text)]
+    out, start = [], 0
+    for piece in texts:
+        end = start + len(piece)
+        if piece and any(a < end and start < b for a, b in spans):
+            out.append("calculator")
+        elif any(c.isdigit() for c in piece):
+            out.append("number")
+        elif not any(c.isalnum() for c in piece):
+            out.append("formatting")
+        else:
+            out.append("word")
+        start = end
+    return out
+
+
+def mask_diagnostics(scored_dir: Path, export_file: Path, tokenizer, top: int = 15) -> dict:
+    """Which target tokens a training set masked (labels -100 on a target token of the scored set,
+    matched by id): how many, the share of masked tokens of each kind (`token_categories`) beside
+    that kind's share of all target tokens, the share of each kind that was masked, and the most
+    often masked tokens (with how often each of them is masked where it occurs)."""
+    from collections import Counter
+
+    import pyarrow.parquet as pq
+
+    from curate.store import open_scored
+
+    labels = {}
+    for record in pq.read_table(export_file, columns=["id", "labels"]).to_pylist():
+        labels.setdefault(record["id"], record["labels"])
+    texts: dict[int, str] = {}
+    kinds, masked_kinds, masked_text, seen_text = Counter(), Counter(), Counter(), Counter()
+    for shard in open_scored(scored_dir)[1]:
+        for record in pq.read_table(shard, columns=["id", "input_ids", "target"]).to_pylist():
+            if record["id"] not in labels:
+                continue
+            row_labels, ids = labels.pop(record["id"]), record["input_ids"]
+            positions = [i for i, is_target in enumerate(record["target"]) if is_target]
+            for i in positions:
+                if ids[i] not in texts:
+                    texts[ids[i]] = tokenizer.decode([ids[i]])
+            pieces = [texts[ids[i]] for i in positions]
+            for i, piece, kind in zip(positions, pieces, token_categories(pieces)):
+                kinds[kind] += 1
+                seen_text[piece] += 1
+                if row_labels[i] == -100:
+                    masked_kinds[kind] += 1
+                    masked_text[piece] += 1
+    target, masked = sum(kinds.values()), sum(masked_kinds.values())
+    return {"target_tokens": target, "masked_tokens": masked,
+            "masked_share": {k: masked_kinds[k] / masked if masked else 0.0 for k in CATEGORIES},
+            "target_share": {k: kinds[k] / target if target else 0.0 for k in CATEGORIES},
+            "masked_rate": {k: masked_kinds[k] / kinds[k] if kinds[k] else 0.0 for k in CATEGORIES},
+            "top": [{"token": piece, "masked": count, "rate": count / seen_text[piece]}
+                    for piece, count in masked_text.most_common(top)]}
+
+
+def diagnostics_markdown(diagnostics: dict) -> str:
+    lines = ["What each masking run masked on the training set: the share of masked tokens of each kind "
+             "(beside that kind's share of all target tokens), and the tokens masked most often "
+             "(with the share of their occurrences masked):", "",
+             "| training set | masked | " + " | ".join(CATEGORIES) + " | most often masked |",
+             "|---|---|" + "---|" * len(CATEGORIES) + "---|"]
+    for label, found in diagnostics.items():
+        shares = [f"{found['masked_share'][k]:.0%} ({found['target_share'][k]:.0%})" for k in CATEGORIES]
+        common = ", ".join(f"`{_shown(item['token'])}` {item['masked']} ({item['rate']:.0%})" for item in found["top"][:8])
+        lines.append(f"| {label} | {found['masked_tokens']:,} of {found['target_tokens']:,} | " + " | ".join(shares)
+                     + f" | {common} |")
+    return "\n".join(lines)
+
+
+def _shown(piece: str) -> str:
+    return piece.replace("\n", "\\n").replace("|", "\\|").replace("`", "'") or "(empty)"
