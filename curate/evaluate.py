@@ -124,12 +124,12 @@ def _limited(path: Path, copy: Path, limit: int | None) -> Path:
 def _generation(source: Path, generated: Path, engine, chat_tokenizer: ChatTokenizer, name: str, checker: str,
                 max_new_tokens: int, unsafe_verify: bool) -> tuple[pa.Table, TaskScore]:
     """Greedy answers checked by the task's checker; resumable (the generated directory)."""
+    import polars as pl
+
     from curate.engines.base import SamplingOptions
     from curate.generate import generate_dataset
     from curate.pipeline import RunOptions
     from curate.store import read_manifest
-
-    import polars as pl
 
     # Resuming a finished run only checks that its options (the model among them) are these.
     generate_dataset(source, generated, engine, chat_tokenizer, SamplingOptions(max_new_tokens=max_new_tokens),

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from curate import masking
 from curate.models import tokenizer_fingerprint
+from curate.self_output import SelfOutputChoice, choose_self_output
 from curate.settings import setting
 from curate.store import StoreError, open_scored, require_tokenizer
 
@@ -134,7 +135,7 @@ def export(scored_dir: Path, output: Path, options: ExportOptions, tokenizer) ->
         cutoff, ties = masking.ratio_cutoff(_all_maskable_nll(shards), options.mask_ratio)
         stats.threshold = math.exp(cutoff) if math.isfinite(cutoff) else None
 
-    choice = _choose_self_output(scored_dir, shards, options.keep_unfinished) if options.mode == "self-output" else None
+    choice = choose_self_output(scored_dir, shards, options.keep_unfinished) if options.mode == "self-output" else None
     totals = _Totals()
     with _TrainingWriter(output, options.with_id) as writer:
         for shard in shards:
@@ -254,7 +255,7 @@ def _row_filter(batch: _Batch, keep: np.ndarray, options: ExportOptions,
     reasons: list[Reason | None] = []
     for i in range(batch.table.num_rows):
         if choice is not None and rows[i] not in choice.chosen_rows:
-            reasons.append(("not_chosen", choice.why_not(rows[i], options)))
+            reasons.append(("not_chosen", choice.why_not(rows[i], options.on_wrong)))
         elif options.max_length is not None and batch.lengths[i] > options.max_length:
             reasons.append(("too_long", f"{batch.lengths[i]} tokens is over --max-length {options.max_length}"))
         elif options.max_ppl is not None and ppl[i] > options.max_ppl:
@@ -312,62 +313,6 @@ def _mean(total: float, count: int) -> float | None:
     return round(total / count, 6) if count else None
 
 
-@dataclass
-class SelfOutputChoice:
-    """Which generated answer each prompt trains on. Prompts are the source rows of the
-    generation input (two prompts may share an id); scored rows are positions in the scored set."""
-
-    chosen_rows: set[int]  # scored rows to train on, one per answered prompt
-    chosen_sources: set[int]
-    source_of: dict[int, int]  # scored row -> source row
-    unanswered: dict[int, str]  # source row -> why no answer of it was chosen
-    generation_input: dict | None  # the fingerprint of the input that was answered (rows refer to it)
-
-    def why_not(self, row: int, options: ExportOptions) -> str:
-        source = self.source_of[row]
-        if source in self.chosen_sources:
-            return "another answer to this prompt was chosen"
-        return self.unanswered[source] + _fallback_note(options)
-
-
-def _choose_self_output(scored_dir: Path, shards: list[Path], keep_unfinished: bool) -> SelfOutputChoice:
-    """As the paper chooses: per prompt, among its finished, verified answers (or unchecked
-    ones, where no checker applies) the one of lowest response perplexity. An answer cut off
-    at --max-new-tokens is never chosen unless `keep_unfinished`: repetition loops have very
-    low perplexity and would win, and would teach the model to stop mid-answer."""
-    import polars as pl
-
-    carried = pl.col("extra").str.json_path_match  # the generated row's columns, carried through scoring
-    answers = pl.scan_parquet([str(s) for s in shards]).select(
-        "row", "ppl", carried("$.verified").alias("verified"), carried("$.verify_reason").alias("reason"),
-        carried("$.finished").alias("finished"), carried("$.row").cast(pl.Int64).alias("source")).collect()
-    if answers.height and (answers["reason"].is_null().all() or answers["source"].is_null().any()):
-        raise StoreError("these scored rows carry no generation verdicts: score the output of `curate generate` for self-output")
-    checked = pl.col("verified").is_null() | (pl.col("verified") == "true")
-    finished = pl.lit(True) if keep_unfinished else pl.col("finished") == "true"
-    best = answers.filter(checked & finished).sort("ppl", nulls_last=True).group_by("source", maintain_order=True).first()
-    chosen = dict(zip(best["source"].to_list(), best["row"].to_list()))
-    unanswered = {}
-    for source, group in answers.filter(~pl.col("source").is_in(list(chosen))).group_by("source"):
-        verified_but_cut = group.filter(checked & (pl.col("finished") != "true")).height
-        unanswered[source[0]] = ("only answers cut off at --max-new-tokens were verified (--keep-unfinished allows them)"
-                                 if verified_but_cut else "no verified answer to this prompt")
-    return SelfOutputChoice(chosen_rows=set(chosen.values()), chosen_sources=set(chosen),
-                            source_of=dict(zip(answers["row"].to_list(), answers["source"].to_list())),
-                            unanswered=unanswered, generation_input=_generation_input(scored_dir))
-
-
-def _generation_input(scored_dir: Path) -> dict | None:
-    """The input `curate generate` answered, found through the scored set's own input."""
-    from curate.store import read_manifest
-
-    generated = Path(read_manifest(scored_dir).meta["input"]["path"])
-    try:
-        return read_manifest(generated).meta["input"]
-    except (StoreError, FileNotFoundError, KeyError):
-        return None
-
-
 def _write_ground_truth(scored_dir: Path, choice: SelfOutputChoice, fingerprint: str, options: ExportOptions,
                         writer: _TrainingWriter, totals: _Totals) -> int:
     """Append the ground-truth rows of the unanswered prompts (every target token trained),
@@ -392,10 +337,6 @@ def _write_ground_truth(scored_dir: Path, choice: SelfOutputChoice, fingerprint:
         writer.drop_prompt(source, f"no verified answer, and row {source} is not in the ground-truth set {scored_dir} "
                                    "(rejected when it was scored?)")
     return written
-
-
-def _fallback_note(options: ExportOptions) -> str:
-    return ": its ground truth is used instead" if options.on_wrong == "ground-truth" else ""
 
 
 def _count_target_tokens(shards: list[Path]) -> tuple[int, int]:
