@@ -523,7 +523,7 @@ def preview(input_path, model, limit, system_prompt, train_turns, reasoning, max
               help="Directory for per-task results (<task>.parquet) and results.json.")
 @option("split")
 @option("limit")
-@engine_options()
+@engine_options(ray=True)
 @option("max_length")
 @option("max_new_tokens")
 @option("unsafe_verify")

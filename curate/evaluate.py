@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.data import read_in_chunks
+from curate.settings import SETTINGS
 from curate.tokenize import ChatTokenizer
 
 BOOTSTRAP_SAMPLES = 1000
@@ -41,6 +41,7 @@ class TaskScore:
     acc_norm: float | None = None  # multiple choice: accuracy by log-likelihood per byte of the option
     gold_nll: float | None = None  # mean NLL per gold-answer token: lower is better
     unchecked: int = 0  # generation answers no checker could decide
+    rejected: int = 0  # rows the evaluation could not use (their reasons: <task>.choices|.gold/rejects.jsonl)
 
 
 @dataclass
@@ -74,40 +75,58 @@ def task_file(name: str, split: str = "test") -> Path:
 
 
 def evaluate(model_dir: Path, tasks: dict[str, Path], output_dir: Path, engine, chat_tokenizer: ChatTokenizer,
-             limit: int | None = None, max_new_tokens: int = 512, unsafe_verify: bool = False,
-             gold_nll_only: bool = False) -> EvalSummary:
-    """Evaluate `engine` (of the model in `model_dir`) on each task file (`curate benchmarks pull`
-    output); per-example results go to `output_dir/<task>.parquet`, the summary to `results.json`.
+             limit: int | None = None, max_new_tokens: int = SETTINGS["max_new_tokens"].default,
+             unsafe_verify: bool = False, gold_nll_only: bool = False) -> EvalSummary:
+    """Evaluate the model in `model_dir` on each task file (`curate benchmarks pull` output), with
+    `engine`: an engine in this process, or an executor (`RayExecutor`). Each task runs as a
+    resumable pipeline into `output_dir/<task>.choices|.gold|.generated/`; per-example results
+    go to `output_dir/<task>.parquet`, the summary to `results.json`.
     `gold_nll_only`: only the gold answers' NLL (no generation, no options; the score is the NLL)."""
     from curate.benchmarks import TASKS
+    from curate.eval_steps import ChoiceStep, GoldNLLStep, run_scoring_step
+    from curate.executors import as_executor
 
+    executor = as_executor(engine)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     summary = EvalSummary(model=str(model_dir), output=str(output_dir))
     for name, path in tasks.items():
         source = _limited(path, output_dir / f"{name}.input.jsonl", limit)
+
+        def scored(step, suffix, name=name, source=source):
+            return run_scoring_step(step, source, output_dir / f"{name}.{suffix}", executor, model_dir, chat_tokenizer)
+
         if gold_nll_only:
-            gold_nll = _gold_nll(source, engine, chat_tokenizer)
-            values = np.array([v for v in gold_nll.values() if math.isfinite(v)])
-            pq.write_table(pa.table({"id": list(gold_nll), "gold_nll": list(gold_nll.values())}), output_dir / f"{name}.parquet")
+            gold, rejected = scored(GoldNLLStep(chat_tokenizer), "gold")
+            pq.write_table(gold.select(["id", "gold_nll"]), output_dir / f"{name}.parquet")
+            values = _finite(gold.column("gold_nll").to_numpy())
             summary.tasks[name] = TaskScore(task=name, kind=TASKS[name].kind, metric="gold NLL", examples=int(values.size),
                                             score=float(values.mean()) if values.size else math.nan,
-                                            interval=bootstrap_interval(values),
+                                            interval=bootstrap_interval(values), rejected=rejected,
                                             gold_nll=float(values.mean()) if values.size else None)
             continue
         if TASKS[name].kind == "multiple_choice":  # the gold answer's NLL comes out of the same pass
-            table, score, gold_nll = _multiple_choice(source, engine, chat_tokenizer, name)
+            choices, rejected = scored(ChoiceStep(chat_tokenizer), "choices")
+            table, score = _multiple_choice(choices, name)
+            gold_nll = dict(zip(choices.column("id").to_pylist(), choices.column("gold_nll").to_pylist()))
         else:
-            gold_nll = _gold_nll(source, engine, chat_tokenizer)
-            table, score = _generation(source, output_dir / f"{name}.generated", engine, chat_tokenizer, name,
+            gold, rejected = scored(GoldNLLStep(chat_tokenizer), "gold")
+            gold_nll = dict(zip(gold.column("id").to_pylist(), gold.column("gold_nll").to_pylist()))
+            table, score = _generation(source, output_dir / f"{name}.generated", executor, chat_tokenizer, name,
                                        TASKS[name].checker, max_new_tokens, unsafe_verify)
         ids = table.column("id").to_pylist()
         table = table.append_column("gold_nll", pa.array([gold_nll.get(i) for i in ids], pa.float64()))
         pq.write_table(table, output_dir / f"{name}.parquet")
-        score.gold_nll = float(np.nanmean([v for v in gold_nll.values()])) if gold_nll else None
+        values = _finite(np.array(list(gold_nll.values()), dtype=float))
+        score.gold_nll = float(values.mean()) if values.size else None
+        score.rejected = rejected
         summary.tasks[name] = score
     (output_dir / RESULTS).write_text(summary.to_json() + "\n")
     return summary
+
+
+def _finite(values: np.ndarray) -> np.ndarray:
+    return values[np.isfinite(values)]
 
 
 def _limited(path: Path, copy: Path, limit: int | None) -> Path:
@@ -148,33 +167,14 @@ def _generation(source: Path, generated: Path, engine, chat_tokenizer: ChatToken
                             interval=bootstrap_interval(correct), unchecked=answers.height - decided.height)
 
 
-def _multiple_choice(source: Path, engine, chat_tokenizer: ChatTokenizer,
-                     name: str) -> tuple[pa.Table, TaskScore, dict[str, float]]:
-    """Each option as the assistant's answer to the prompt; its log-likelihood is the sum over
-    its content tokens (the end-of-turn token left out, so options compare as texts). The row's
-    options and its gold answer (`messages`, as `_gold_nll` reads it) are scored as one group, so
-    an engine with `score_groups` runs the shared prompt once; returns the gold NLL per row too."""
-    rows, logliks, gold_nll = [], [], {}
-    for _, prepared, _ in read_in_chunks(source, lambda example: example, size=64):
-        chunk = [(example, example.extra | {"id": example.id, "row": example.row}) for example, _ in prepared]
-        # The options as answers (OLMES's leading space belongs to a raw-text continuation, not a turn).
-        groups = [[chat_tokenizer.encode(row["row"], [{"role": "user", "content": row["prompt"]},
-                                                      {"role": "assistant", "content": choice.strip()}])
-                   for choice in row["choices"]] + [chat_tokenizer.encode(example.row, example.messages)]
-                  for example, row in chunk]
-        scored = score_groups(engine, [[e.input_ids for e in group] for group in groups])
-        for (example, row), group, group_logprobs in zip(chunk, groups, scored):
-            option_loglik = []
-            for logprobs, encoded in zip(group_logprobs[:-1], group[:-1]):
-                content = np.asarray(encoded.target) & ~np.asarray(encoded.end_of_turn)
-                option_loglik.append(float(np.nansum(np.where(content, logprobs, 0.0))))
-            gold_nll[example.id] = _answer_nll(group_logprobs[-1], group[-1].target)
-            rows.append(row)
-            logliks.append(option_loglik)
-    ids, gold = [row["id"] for row in rows], [int(row["gold"]) for row in rows]
+def _multiple_choice(choices: pa.Table, name: str) -> tuple[pa.Table, TaskScore]:
+    """Accuracy: the option of highest log-likelihood (`acc`), and of highest log-likelihood per
+    byte of the option (`acc_norm`), from `ChoiceStep`'s per-row results."""
+    ids, gold = choices.column("id").to_pylist(), choices.column("gold").to_pylist()
+    logliks, sizes = choices.column("loglik").to_pylist(), choices.column("option_bytes").to_pylist()
     predicted = [int(np.argmax(ll)) for ll in logliks]
-    predicted_norm = [int(np.argmax([v / max(1, len(c.strip().encode())) for v, c in zip(ll, row["choices"])]))
-                      for ll, row in zip(logliks, rows)]
+    predicted_norm = [int(np.argmax([v / max(1, size) for v, size in zip(ll, row_sizes)]))
+                      for ll, row_sizes in zip(logliks, sizes)]
     correct = np.array(predicted) == np.array(gold)
     correct_norm = np.array(predicted_norm) == np.array(gold)
     table = pa.Table.from_pydict({"id": ids, "correct": correct.tolist(), "correct_norm": correct_norm.tolist(),
@@ -182,34 +182,7 @@ def _multiple_choice(source: Path, engine, chat_tokenizer: ChatTokenizer,
     return table, TaskScore(task=name, kind="multiple_choice", metric="acc", examples=len(ids),
                             score=float(correct.mean()) if ids else math.nan,
                             interval=bootstrap_interval(correct.astype(float)),
-                            acc_norm=float(correct_norm.mean()) if ids else None), gold_nll
-
-
-def score_groups(engine, groups: list[list[list[int]]]) -> list[list[np.ndarray]]:
-    """What `engine.score` gives each sequence of each group. An engine with `score_groups` (the
-    HF engine) runs each group's common prefix (a multiple-choice prompt) once; the others score
-    every sequence whole (vLLM skips its prefix cache for prompt log-probabilities)."""
-    if hasattr(engine, "score_groups"):
-        return engine.score_groups(groups)
-    flat = iter(engine.score([sequence for group in groups for sequence in group]))
-    return [[next(flat) for _ in group] for group in groups]
-
-
-def _answer_nll(logprobs: np.ndarray, target) -> float:
-    """Mean NLL per token over an answer's target tokens (its content and end-of-turn)."""
-    scored = np.asarray(target) & np.isfinite(logprobs)
-    return float(-logprobs[scored].mean()) if scored.any() else math.nan
-
-
-def _gold_nll(source: Path, engine, chat_tokenizer: ChatTokenizer) -> dict[str, float]:
-    """Mean NLL per token of each example's gold answer (its assistant turn)."""
-    out = {}
-    for _, prepared, _ in read_in_chunks(source, lambda example: chat_tokenizer.encode(example.row, example.messages), size=64):
-        examples = [e for e, _ in prepared]
-        encoded = [t for _, t in prepared]
-        for example, logprobs, tokens in zip(examples, engine.score([t.input_ids for t in encoded]), encoded):
-            out[example.id] = _answer_nll(logprobs, tokens.target)
-    return out
+                            acc_norm=float(correct_norm.mean()) if ids else None)
 
 
 # ---------------------------------------------------------------- forgetting

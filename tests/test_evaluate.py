@@ -128,13 +128,46 @@ def test_options_sharing_their_prompt_score_as_each_option_alone(hf_engine, chat
 
 def test_multiple_choice_gold_nll_from_the_shared_pass_is_the_gold_answers_nll(tmp_path, model_dir, hf_engine,
                                                                                 chat_tokenizer):
-    from curate.evaluate import _gold_nll, _limited
-
     out = evaluate(model_dir, {"arc_easy": task_file("arc_easy")}, tmp_path, hf_engine, chat_tokenizer, limit=5)
     rows = pq.read_table(tmp_path / "arc_easy.parquet").to_pylist()
-    direct = _gold_nll(_limited(task_file("arc_easy"), tmp_path / "direct.jsonl", 5), hf_engine, chat_tokenizer)
+    direct = {}  # each gold answer scored alone: the mean NLL of its target tokens
+    for index, line in zip(range(5), task_file("arc_easy").read_text().splitlines()):
+        row = json.loads(line)
+        encoded = chat_tokenizer.encode(index, row["messages"])
+        logprobs = hf_engine.score([encoded.input_ids])[0]
+        direct[row["id"]] = float(-np.mean([lp for lp, t in zip(logprobs, encoded.target) if t]))
     assert [r["gold_nll"] for r in rows] == pytest.approx([direct[r["id"]] for r in rows], abs=1e-4)
     assert out.tasks["arc_easy"].gold_nll == pytest.approx(np.mean(list(direct.values())), abs=1e-4)
     only = evaluate(model_dir, {"arc_easy": task_file("arc_easy")}, tmp_path / "nll", hf_engine, chat_tokenizer,
                     limit=5, gold_nll_only=True)
     assert only.tasks["arc_easy"].gold_nll == pytest.approx(out.tasks["arc_easy"].gold_nll, abs=1e-4)
+
+
+def test_an_evaluation_resumes_and_loses_no_row(tmp_path, model_dir, hf_engine, chat_tokenizer):
+    """A row the evaluation cannot use is a reject with its reason, not a silent gap; a rerun resumes
+    (nothing rescored), and a rerun with another tokenizer setting is refused, not mixed in."""
+    from curate.store import StoreError, read_manifest
+
+    rows = [json.loads(line) for line in task_file("arc_easy").read_text().splitlines()[:6]]
+    rows[2]["gold"] = 9  # an index past the choices
+    del rows[4]["choices"]
+    source = tmp_path / "arc.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "eval"
+    first = evaluate(model_dir, {"arc_easy": source}, out, hf_engine, chat_tokenizer)
+    scored = pq.read_table(out / "arc_easy.parquet").column("id").to_pylist()
+    rejects = [json.loads(line) for line in (out / "arc_easy.choices" / "rejects.jsonl").read_text().splitlines()]
+    assert scored == [rows[i]["id"] for i in (0, 1, 3, 5)] and [r["row"] for r in rejects] == [2, 4]
+    assert "`gold`" in rejects[0]["reason"] and "`choices`" in rejects[1]["reason"]
+    assert first.tasks["arc_easy"].rejected == 2 and first.tasks["arc_easy"].examples == 4
+
+    shard = out / "arc_easy.choices" / read_manifest(out / "arc_easy.choices").shards[0]["file"]
+    written = shard.stat().st_mtime_ns
+    again = evaluate(model_dir, {"arc_easy": source}, out, hf_engine, chat_tokenizer)
+    assert shard.stat().st_mtime_ns == written and again.tasks["arc_easy"].score == first.tasks["arc_easy"].score
+
+    from curate.tokenize import ChatTokenizer
+
+    other = ChatTokenizer(chat_tokenizer.tokenizer, max_length=chat_tokenizer.max_length, system_prompt="drop")
+    with pytest.raises(StoreError, match="system_prompt"):
+        evaluate(model_dir, {"arc_easy": source}, out, hf_engine, other)

@@ -126,3 +126,21 @@ def test_the_driver_reads_and_commits_but_never_tokenizes(tmp_path, sample_path,
     assert calls == []
     ray_run, whole = _scored(tmp_path / "ray"), _scored(scored_sample)
     assert ray_run.drop("logprobs", "nll_mean", "ppl").equals(whole.drop("logprobs", "nll_mean", "ppl"))
+
+
+def test_eval_on_ray_scores_as_in_this_process(tmp_path, model_dir, hf_engine, chat_tokenizer):
+    """`curate eval --ray`: multiple-choice rows prepared and scored in a replica, as here."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from curate.evaluate import evaluate, task_file
+
+    here = evaluate(model_dir, {"arc_easy": task_file("arc_easy")}, tmp_path / "here", hf_engine, chat_tokenizer, limit=6)
+    run_curate("eval", "default", "--tasks", "arc_easy", "--limit", "6", "-o", tmp_path / "ray", "--backend", "hf",
+               "--dtype", "float32", "--ray")
+    local, remote = (pq.read_table(tmp_path / name / "arc_easy.parquet").to_pylist() for name in ("here", "ray"))
+    assert [r["predicted"] for r in remote] == [r["predicted"] for r in local] and len(remote) == 6
+    for a, b in zip(local, remote):
+        np.testing.assert_allclose(a["loglik"], b["loglik"], atol=1e-4)
+        assert a["gold_nll"] == pytest.approx(b["gold_nll"], abs=1e-4)
+    assert read_manifest(tmp_path / "ray" / "arc_easy.choices").complete and here.tasks["arc_easy"].examples == 6
