@@ -51,33 +51,46 @@ def run_experiment(config: ExperimentConfig, output: Path, axolotl: str,
         curate_command("score", train, "-o", scored, "--model", model_dir, "--backend", config.backend, "--overwrite",
                        "--quiet"), output / "logs" / "score.log"))
 
+    tasks = ",".join(f"{task}={held_out[task]}" if task in held_out else task for task in config.eval_tasks)
+    limit = config.eval_limit if not isinstance(config.eval_limit, dict) else None
+    eval_options = {"tasks": tasks, "limit": limit, "backend": config.backend, "max_new_tokens": config.max_new_tokens}
+
+    def evaluate(label: str, model: Path) -> None:
+        command = curate_command("eval", model, "--tasks", tasks, "-o", output / "evals" / label, "--backend",
+                                 config.backend, "--max-new-tokens", config.max_new_tokens,
+                                 *(["--limit", limit] if limit else []))
+        steps.run(f"eval/{label}", {**eval_options, "model": str(model)},
+                  lambda: run_command(command, output / "logs" / f"eval-{label}.log"))
+
+    evaluate("base", model_dir)
     exported = set()
     for run in runs:
         if run.export_label not in exported:
             _export_mode(run, modes, config, model_dir, output, steps, log)
             exported.add(run.export_label)
+    # Run by run: trained, its epoch chosen, evaluated, and the table rewritten, so that a run stopped
+    # part way (the full config takes hours on CPUs) already shows the runs it finished.
     reference = None
-    for run in runs:
+    for done, run in enumerate(runs, start=1):
         reference = _finetune_mode(run, config, model_dir, output, steps, axolotl, reference)
         if config.checkpoint == "best-validation-nll":
             steps.run(f"choose/{run.label}", {"validation_limit": config.validation_limit, "backend": VALIDATION_BACKEND},
                       lambda run=run: choose_checkpoint(config, output, run.label))
+        evaluate(run.label, trained_model(output, run.label))
+        table = _table(config, output, runs[:done], model_dir)
+        if done < len(runs):
+            table["partial"] = {"runs_done": done, "runs": len(runs), "next": runs[done].label}
+        write_table(table, output)
+    (output / CONFIG).write_text(config.model_dump_json(indent=1) + "\n")
+    log(f"wrote {output / TABLE_MD} and {output / TABLE_JSON}")
+    return table
 
-    tasks = ",".join(f"{task}={held_out[task]}" if task in held_out else task for task in config.eval_tasks)
-    limit = config.eval_limit if not isinstance(config.eval_limit, dict) else None
-    eval_options = {"tasks": tasks, "limit": limit, "backend": config.backend, "max_new_tokens": config.max_new_tokens}
-    for label, model in [("base", model_dir), *((r.label, trained_model(output, r.label)) for r in runs)]:
-        command = curate_command("eval", model, "--tasks", tasks, "-o", output / "evals" / label, "--backend",
-                                 config.backend, "--max-new-tokens", config.max_new_tokens,
-                                 *(["--limit", limit] if limit else []))
-        steps.run(f"eval/{label}", {**eval_options, "model": str(model)},
-                  lambda command=command, label=label: run_command(command, output / "logs" / f"eval-{label}.log"))
+
+def _table(config: ExperimentConfig, output: Path, runs: list[Run], model_dir: Path) -> dict:
+    """The table of the runs evaluated so far."""
     table = build_table(output, config.target, runs, diagnostics=masked_by_mode(output, runs, model_dir))
     table["recipe"] = recipe_check(config.recipe, output, [r.label for r in runs])
     table["config"] = {"seeds": config.seeds, "checkpoint": config.checkpoint, "epochs": config.epochs}
-    write_table(table, output)
-    (output / CONFIG).write_text(config.model_dump_json(indent=1) + "\n")
-    log(f"wrote {output / TABLE_MD} and {output / TABLE_JSON}")
     return table
 
 

@@ -121,7 +121,12 @@ def write_table(table: dict, output: Path) -> None:
 def table_markdown(table: dict) -> str:
     tasks, target = table["tasks"], table["target"]
     named = [f"{t} (target)" if t == target else t for t in tasks]
-    lines = ["| model | " + " | ".join(named) + " |", "|---|" + "---|" * len(tasks)]
+    lines = []
+    if table.get("partial"):
+        partial = table["partial"]
+        lines += [f"**Partial: {partial['runs_done']} of {partial['runs']} runs trained and evaluated so far** (next: "
+                  f"{partial['next']}; `curate experiment` with the same config and output resumes).", ""]
+    lines += ["| model | " + " | ".join(named) + " |", "|---|" + "---|" * len(tasks)]
     for label, scores in table["scores"].items():
         lines.append(f"| {label} | " + " | ".join(_with_interval(scores[t]["score"], scores[t]["interval"], "{:.3f}")
                                                for t in tasks) + " |")
