@@ -136,6 +136,9 @@ def engine_options(ray: bool = False):
                               "MIN,MAX: start with MIN, and up to MAX join as the cluster has (or grows) room."),
             click.option("--gpus-per-replica", type=click.FloatRange(min=0), default=None,
                          help="--ray: GPUs each engine holds [default: --tensor-parallel-size where there are GPUs]."),
+            click.option("--cpus-per-replica", type=click.FloatRange(min=1), default=None,
+                         help="--ray: CPUs each engine holds: its torch threads and answer-check workers [default: 1 "
+                              "beside GPUs; without GPUs, the cluster's CPUs shared among the replicas]."),
         ]
 
     def decorate(command):
@@ -146,12 +149,13 @@ def engine_options(ray: bool = False):
                 from curate.executors.ray import RayOptions
 
                 address, replicas, gpus = kwargs.pop("ray_address"), kwargs.pop("replicas"), kwargs.pop("gpus_per_replica")
-                if address is None and (replicas or gpus is not None):
-                    raise click.UsageError("--replicas and --gpus-per-replica go with --ray")
+                cpus = kwargs.pop("cpus_per_replica")
+                if address is None and (replicas or gpus is not None or cpus is not None):
+                    raise click.UsageError("--replicas, --gpus-per-replica and --cpus-per-replica go with --ray")
                 if address is not None:
                     least, most = replicas or (None, None)
                     ray_options = RayOptions(address=None if address == "local" else address, replicas=least,
-                                             max_replicas=most, gpus_per_replica=gpus)
+                                             max_replicas=most, gpus_per_replica=gpus, cpus_per_replica=cpus)
             return command(*args, engine_choice=(kwargs.pop("backend"), engine_settings, ray_options), **kwargs)
 
         for each in reversed(options):

@@ -144,3 +144,33 @@ def test_eval_on_ray_scores_as_in_this_process(tmp_path, model_dir, hf_engine, c
         np.testing.assert_allclose(a["loglik"], b["loglik"], atol=1e-4)
         assert a["gold_nll"] == pytest.approx(b["gold_nll"], abs=1e-4)
     assert read_manifest(tmp_path / "ray" / "arc_easy.choices").complete and here.tasks["arc_easy"].examples == 6
+
+
+class _ThreadsProbe:
+    """An engine that only reports the torch threads and the niceness of the process it was built in."""
+
+    backend, dtype = "probe", "float32"
+
+    def __init__(self):
+        import torch
+
+        self.model_name = f"torch threads {torch.get_num_threads()}, niceness {os.nice(0)}"
+
+    def close(self):
+        pass
+
+
+def test_a_replica_without_gpus_runs_its_model_on_all_the_cores_at_the_drivers_priority(model_dir):
+    """Ray sets a replica's OMP_NUM_THREADS to the CPUs it asks for: with the 1 CPU it used to ask
+    for, a CPU engine ran on 1 thread where the same engine in this process runs on every core. And
+    Ray nices its workers to 15: the engine then lost the CPUs to anything else running."""
+    import ray.cloudpickle
+
+    from curate.executors.ray import RayExecutor, RayOptions
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the probe travels with the actor
+    executor = RayExecutor("hf", model_dir, options=RayOptions(replicas=1), engine_factory=_ThreadsProbe)
+    try:
+        assert executor.model_name == f"torch threads {os.cpu_count()}, niceness {os.nice(0)}"
+    finally:
+        executor.close()

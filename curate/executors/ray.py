@@ -35,6 +35,11 @@ AHEAD_PER_REPLICA = 2
 # A local cluster's shared-memory object store: shards are a few MB, and /dev/shm is often small.
 LOCAL_OBJECT_STORE_BYTES = 300 * 2**20
 RESTARTS = 3  # a replica that keeps dying is given up on, and its shards reported
+# Ray starts its worker processes at niceness 15, to keep its own daemons responsive. A replica is
+# the run's workload, so on a local cluster it runs at 0, the driver's priority: measured on 2 shared
+# cores (bench/ray_overhead.py), the same vLLM engine scored 1.5-1.7x slower at 15 than in the driver.
+# A cluster started elsewhere keeps its own setting (`RAY_worker_niceness=0 ray start ...` changes it).
+WORKER_NICENESS = 0
 
 
 @dataclass(frozen=True)
@@ -43,13 +48,22 @@ class RayOptions:
     replicas: default one per `gpus_per_replica` GPUs of the cluster, or 1 on a cluster without GPUs.
     max_replicas: more replicas to ask for; each joins the run once the cluster has room for it
     (an autoscaling cluster adds nodes for them), while the first `replicas` already work.
-    gpus_per_replica: default the tensor-parallel size where the cluster has GPUs, else 0."""
+    gpus_per_replica: default the tensor-parallel size where the cluster has GPUs, else 0.
+    cpus_per_replica: the CPUs each replica holds: its torch threads (Ray sets OMP_NUM_THREADS to
+    them) and its answer-check workers. Default: 1 beside GPUs (the model runs on the GPU); on a
+    cluster without GPUs, where the model runs on the CPUs, the cluster's CPUs shared among the
+    replicas (one CPU each, as Ray did before, ran the in-process engine's 2 threads on 1)."""
 
     address: str | None = None
     replicas: int | None = None
     max_replicas: int | None = None
     gpus_per_replica: float | None = None
-    cpus_per_replica: float = 1
+    cpus_per_replica: float | None = None
+
+
+def replica_cpus(cluster_cpus: float, cluster_gpus: float, replicas: int) -> float:
+    """CPUs a replica asks for by default: 1 beside a GPU; without GPUs, its share of the cluster."""
+    return 1 if cluster_gpus else max(1, int(cluster_cpus // replicas))
 
 
 class ShardWorker:
@@ -97,8 +111,9 @@ class RayExecutor:
 
         self._started_ray = not ray.is_initialized() and options.address is None
         if not ray.is_initialized():
-            if options.address is None:
-                ray.init(object_store_memory=LOCAL_OBJECT_STORE_BYTES, include_dashboard=False, log_to_driver=False)
+            if options.address is None:  # replicas at the driver's priority: Ray's default nices workers to 15
+                ray.init(object_store_memory=LOCAL_OBJECT_STORE_BYTES, include_dashboard=False, log_to_driver=False,
+                         _system_config={"worker_niceness": WORKER_NICENESS})
             else:
                 passed = {k: v for k, v in os.environ.items() if k.startswith(("HF_", "CURATE_", "VLLM_", "TOKENIZERS_"))}
                 ray.init(address=options.address, runtime_env={"env_vars": passed}, log_to_driver=False)
@@ -106,10 +121,12 @@ class RayExecutor:
         per_replica = options.gpus_per_replica if options.gpus_per_replica is not None else (
             settings.tensor_parallel_size if gpus else 0)
         replicas = options.replicas or (max(1, int(gpus // per_replica)) if per_replica else 1)
-        actor = ray.remote(ShardWorker).options(num_cpus=options.cpus_per_replica, num_gpus=per_replica,
+        cpus = options.cpus_per_replica if options.cpus_per_replica is not None else replica_cpus(
+            ray.cluster_resources().get("CPU", 1), gpus, replicas)
+        actor = ray.remote(ShardWorker).options(num_cpus=cpus, num_gpus=per_replica,
                                                 max_restarts=RESTARTS, max_task_retries=RESTARTS,
                                                 max_concurrency=AHEAD_PER_REPLICA)
-        self.workers = [actor.remote(backend, str(model_dir), settings, options.cpus_per_replica, engine_factory)
+        self.workers = [actor.remote(backend, str(model_dir), settings, cpus, engine_factory)
                         for _ in range(max(replicas, options.max_replicas or 0))]
         self._starting = {worker.describe.remote(): worker for worker in self.workers}
         self._ready: list = []
