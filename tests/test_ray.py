@@ -164,6 +164,7 @@ def test_a_replica_without_gpus_runs_its_model_on_all_the_cores_at_the_drivers_p
     """Ray sets a replica's OMP_NUM_THREADS to the CPUs it asks for: with the 1 CPU it used to ask
     for, a CPU engine ran on 1 thread where the same engine in this process runs on every core. And
     Ray nices its workers to 15: the engine then lost the CPUs to anything else running."""
+    import ray
     import ray.cloudpickle
 
     from curate.executors.ray import RayExecutor, RayOptions
@@ -171,6 +172,7 @@ def test_a_replica_without_gpus_runs_its_model_on_all_the_cores_at_the_drivers_p
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the probe travels with the actor
     executor = RayExecutor("hf", model_dir, options=RayOptions(replicas=1), engine_factory=_ThreadsProbe)
     try:
-        assert executor.model_name == f"torch threads {os.cpu_count()}, niceness {os.nice(0)}"
+        cores = int(ray.cluster_resources()["CPU"])  # the local cluster's CPUs (Ray reads cgroup limits too)
+        assert executor.model_name == f"torch threads {cores}, niceness {os.nice(0)}"
     finally:
         executor.close()
