@@ -80,18 +80,18 @@ def main() -> None:
     """
 
 
-def option(name: str, *declarations: str):
+def option(name: str):
     """The click option of the setting `name` (curate.settings: its one type, default and help)."""
     spec = SETTINGS[name]
     flag = f"--{name.replace('_', '-')}"
     if spec.kind == "bool":
-        return click.option(flag, *declarations, name, is_flag=True, help=spec.help)
+        return click.option(flag, name, is_flag=True, help=spec.help)
     ranged = spec.minimum is not None or spec.maximum is not None
     bounds = {"min": spec.minimum, "max": spec.maximum, "min_open": spec.min_open}
     kind = {"int": click.IntRange(**bounds) if ranged else int, "float": click.FloatRange(**bounds) if ranged else float,
             "choice": click.Choice(spec.choices), "dir": click.Path(exists=True, file_okay=False, path_type=Path),
             "str": str}[spec.kind]
-    return click.option(flag, *declarations, name, type=kind, default=spec.default, metavar=spec.metavar,
+    return click.option(flag, name, type=kind, default=spec.default, metavar=spec.metavar,
                         show_default=spec.default is not None, help=spec.help)
 
 
