@@ -40,7 +40,7 @@ class VLLMEngine:
         from curate.models import load_tokenizer
 
         options = {}
-        on_cpu = current_platform.is_cpu()
+        on_cpu = self.on_cpu = current_platform.is_cpu()
         if on_cpu:
             # One process: a 40 s engine start instead of minutes, and no spawn-safety trouble.
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -79,8 +79,17 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        seed = sampling.seed
+        if self.on_cpu:
+            # vLLM's per-request generators fail on CPU once chunked prefill splits a prompt across
+            # steps ("CPU Generator does not use offset"). On CPU the engine runs in this process, so
+            # seeding the global generator instead makes the run just as reproducible.
+            import torch
+
+            torch.manual_seed(sampling.seed)
+            seed = None
         params = SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                                max_tokens=sampling.max_new_tokens, seed=sampling.seed, detokenize=False,
+                                max_tokens=sampling.max_new_tokens, seed=seed, detokenize=False,
                                 stop_token_ids=self.stop_ids)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
         return [[([t for t in c.token_ids if t not in self.stop_ids], c.finish_reason == "stop") for c in o.outputs]
