@@ -23,7 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-SAMPLE = Path(__file__).resolve().parents[1] / "curate" / "samples" / "sample.jsonl"
+from scale import sample_copies  # bench/ is this script's folder
+
 # Seconds of each prepare since the last shard's infer, from any thread (list.append is atomic; the sum is what counts).
 _PREPARED: list[float] = []
 
@@ -85,10 +86,7 @@ def main() -> None:
     model_dir = resolve_model(None)
     chat = ChatTokenizer(load_tokenizer(model_dir), max_length=4096)
     work = Path(tempfile.mkdtemp(prefix="curate-ray-overhead-"))
-    rows = SAMPLE.read_text().splitlines()
-    source = work / "input.jsonl"
-    source.write_text("".join(json.dumps({**json.loads(line), "id": f"{copy}-{i}"}) + "\n"
-                              for copy in range(args.copies) for i, line in enumerate(rows)))
+    source = sample_copies(work, args.copies)
     settings = EngineSettings(dtype="float32")
 
     started = time.perf_counter()

@@ -29,6 +29,15 @@ import numpy as np
 SAMPLE = Path(__file__).resolve().parents[1] / "curate" / "samples" / "sample.jsonl"
 
 
+def sample_copies(folder: Path, copies: int) -> Path:
+    """The bundled sample `copies` times over, with fresh ids, as folder/input.jsonl."""
+    rows = SAMPLE.read_text().splitlines()
+    source = folder / "input.jsonl"
+    source.write_text("".join(json.dumps({**json.loads(line), "id": f"{copy}-{i}"}) + "\n"
+                              for copy in range(copies) for i, line in enumerate(rows)))
+    return source
+
+
 class SimulatedEngine:
     """An engine that answers `score` at `rate` tokens/s with made-up log-probabilities."""
 
@@ -79,10 +88,8 @@ def main() -> None:
     model_dir = resolve_model(None)
     chat = ChatTokenizer(load_tokenizer(model_dir), max_length=4096)
     work = Path(tempfile.mkdtemp(prefix="curate-scale-"))
+    source = sample_copies(work, args.copies)
     rows = SAMPLE.read_text().splitlines()
-    source = work / "input.jsonl"
-    source.write_text("".join(json.dumps({**json.loads(line), "id": f"{copy}-{i}"}) + "\n"
-                              for copy in range(args.copies) for i, line in enumerate(rows)))
     ray.init(num_cpus=os.cpu_count(), object_store_memory=300 * 2**20, include_dashboard=False, log_to_driver=False)
 
     print(f"simulated engines at {args.rate:,.0f} tok/s each; {args.copies * len(rows):,} rows; "
