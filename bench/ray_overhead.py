@@ -18,12 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-from scale import sample_copies  # bench/ is this script's folder
+from scale import bundled_input  # bench/ is this script's folder
 
 # Seconds of each prepare since the last shard's infer, from any thread (list.append is atomic; the sum is what counts).
 _PREPARED: list[float] = []
@@ -78,15 +76,10 @@ def main() -> None:
     from curate.engines.vllm import VLLMEngine
     from curate.executors import LocalExecutor
     from curate.executors.ray import RayExecutor, RayOptions
-    from curate.models import load_tokenizer, resolve_model
     from curate.pipeline import RunOptions
     from curate.score import ScoreStep, score_dataset
-    from curate.tokenize import ChatTokenizer
 
-    model_dir = resolve_model(None)
-    chat = ChatTokenizer(load_tokenizer(model_dir), max_length=4096)
-    work = Path(tempfile.mkdtemp(prefix="curate-ray-overhead-"))
-    source = sample_copies(work, args.copies)
+    model_dir, chat, work, source = bundled_input(args.copies, "curate-ray-overhead-")
     settings = EngineSettings(dtype="float32")
 
     started = time.perf_counter()

@@ -29,6 +29,17 @@ import numpy as np
 SAMPLE = Path(__file__).resolve().parents[1] / "curate" / "samples" / "sample.jsonl"
 
 
+def bundled_input(copies: int, prefix: str):
+    """(model dir, its ChatTokenizer, a fresh work folder, `copies` of the sample in it): what the
+    Ray benchmarks score with the bundled model."""
+    from curate.models import load_tokenizer, resolve_model
+    from curate.tokenize import ChatTokenizer
+
+    model_dir = resolve_model(None)
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    return model_dir, ChatTokenizer(load_tokenizer(model_dir), max_length=4096), work, sample_copies(work, copies)
+
+
 def sample_copies(folder: Path, copies: int) -> Path:
     """The bundled sample `copies` times over, with fresh ids, as folder/input.jsonl."""
     rows = SAMPLE.read_text().splitlines()
@@ -80,15 +91,10 @@ def main() -> None:
     import ray
 
     from curate.executors.ray import RayExecutor, RayOptions
-    from curate.models import load_tokenizer, resolve_model
     from curate.pipeline import RunOptions
     from curate.score import score_dataset
-    from curate.tokenize import ChatTokenizer
 
-    model_dir = resolve_model(None)
-    chat = ChatTokenizer(load_tokenizer(model_dir), max_length=4096)
-    work = Path(tempfile.mkdtemp(prefix="curate-scale-"))
-    source = sample_copies(work, args.copies)
+    model_dir, chat, work, source = bundled_input(args.copies, "curate-scale-")
     rows = SAMPLE.read_text().splitlines()
     ray.init(num_cpus=os.cpu_count(), object_store_memory=300 * 2**20, include_dashboard=False, log_to_driver=False)
 

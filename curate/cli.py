@@ -215,10 +215,12 @@ def _max_length(model_dir: Path, max_length: int | None) -> int:
                              f"({model_dir}/config.json); give at most {context}", param_hint="--max-length")
 
 
-def _with_context(engine_choice, max_length: int):
-    """The engine's context is the command's --max-length: an example the tokenizer lets through fits."""
+def _with_context(engine_choice, model_dir: Path, max_length: int | None):
+    """(--max-length checked against the model, the engine choice with that as its context): an
+    example the tokenizer lets through fits the engine."""
+    max_length = _max_length(model_dir, max_length)
     backend, settings, ray_options = engine_choice
-    return backend, replace(settings, max_model_len=max_length), ray_options
+    return max_length, (backend, replace(settings, max_model_len=max_length), ray_options)
 
 
 def _refuse_empty(summary, allow_empty: bool, output: Path) -> None:
@@ -278,8 +280,7 @@ def score(input_path, output, model, engine_choice, max_length, truncate, system
     _fields_pair(fields)
     _run_flags(input_path, output, run)
     model_dir = resolve_model(model)
-    max_length = _max_length(model_dir, max_length)
-    engine_choice = _with_context(engine_choice, max_length)
+    max_length, engine_choice = _with_context(engine_choice, model_dir, max_length)
     try:
         with _errors_as_usage(), _engine_noise_hidden(quiet, verbose), _stdout_to_stderr():
             chat_tokenizer = ChatTokenizer(load_tokenizer(model_dir), max_length=max_length, truncate=truncate,
@@ -411,8 +412,7 @@ def generate(input_path, output, model, engine_choice, checker, verify_workers, 
 
     _run_flags(input_path, output, run)
     model_dir = resolve_model(model)
-    max_length = _max_length(model_dir, max_length)
-    engine_choice = _with_context(engine_choice, max_length)
+    max_length, engine_choice = _with_context(engine_choice, model_dir, max_length)
     try:
         chat_tokenizer = ChatTokenizer(load_tokenizer(model_dir), max_length=max_length, system_prompt=system_prompt)
     except ValueError as error:
@@ -546,8 +546,7 @@ def eval_command(model, tasks, output, split, limit, engine_choice, max_length, 
     from curate.tokenize import ChatTokenizer
 
     model_dir = resolve_model(model)
-    max_length = _max_length(model_dir, max_length)
-    engine_choice = _with_context(engine_choice, max_length)
+    max_length, engine_choice = _with_context(engine_choice, model_dir, max_length)
     try:
         with _errors_as_usage(), _stdout_to_stderr():
             files = _task_files(tasks, split or "test")

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from curate.data import Example, Fields, RowError, check_input
-from curate.pipeline import RunOptions, Shard, plan, run_pipeline
+from curate.pipeline import Shard, plan, run_pipeline
 from curate.store import ShardWriter, input_fingerprint, open_scored
 from curate.tokenize import ChatTokenizer, TokenizedExample
 
@@ -123,8 +123,8 @@ def run_scoring_step(step: ChoiceStep | GoldNLLStep, source: Path, directory: Pa
             "targets": chat_tokenizer.options(), "max_length": chat_tokenizer.max_length, "shard_rows": SHARD_ROWS,
             "limit": None}
     check_input(source, Fields())
-    run = RunOptions(resume=(Path(directory) / "manifest.json").exists())
-    with ShardWriter(directory, meta, schema=schema, resume=run.resume) as writer:
+    resume = (Path(directory) / "manifest.json").exists()
+    with ShardWriter(directory, meta, schema=schema, resume=resume) as writer:
         run_pipeline(step, executor, plan(source, Fields(), writer), writer)
         writer.finish({"rows_in": writer.manifest.rows_read})
     manifest, shards = open_scored(directory)

@@ -106,14 +106,13 @@ def evaluate(model_dir: Path, tasks: dict[str, Path], output_dir: Path, engine, 
                                             gold_nll=float(values.mean()) if values.size else None)
             continue
         if TASKS[name].kind == "multiple_choice":  # the gold answer's NLL comes out of the same pass
-            choices, rejected = scored(ChoiceStep(chat_tokenizer), "choices")
-            table, score = _multiple_choice(choices, name)
-            gold_nll = dict(zip(choices.column("id").to_pylist(), choices.column("gold_nll").to_pylist()))
+            rows, rejected = scored(ChoiceStep(chat_tokenizer), "choices")
+            table, score = _multiple_choice(rows, name)
         else:
-            gold, rejected = scored(GoldNLLStep(chat_tokenizer), "gold")
-            gold_nll = dict(zip(gold.column("id").to_pylist(), gold.column("gold_nll").to_pylist()))
+            rows, rejected = scored(GoldNLLStep(chat_tokenizer), "gold")
             table, score = _generation(source, output_dir / f"{name}.generated", executor, chat_tokenizer, name,
                                        TASKS[name].checker, max_new_tokens, unsafe_verify)
+        gold_nll = dict(zip(rows.column("id").to_pylist(), rows.column("gold_nll").to_pylist()))
         ids = table.column("id").to_pylist()
         table = table.append_column("gold_nll", pa.array([gold_nll.get(i) for i in ids], pa.float64()))
         pq.write_table(table, output_dir / f"{name}.parquet")
