@@ -169,13 +169,12 @@ class ExperimentConfig(BaseModel):
         return [Mode.parse(spec, where) for spec in self.modes]
 
     def runs(self) -> list[Run]:
-        """Every (mode, training seed) to train, mode by mode."""
+        """Every (mode, training seed) to train, seed by seed: every mode's first seed comes first, so
+        that a run stopped part way (the full config takes hours on CPUs) already compares every arm."""
         seeded = None if self.seeded_modes is None else {Mode.parse(s, "seeded_modes").label for s in self.seeded_modes}
-        out = []
-        for mode in self.parsed_modes():
-            seeds = list(self.seeds) if self.seeds else [None]
-            out += [Run(mode, seed) for seed in (seeds if seeded is None or mode.label in seeded else seeds[:1])]
-        return out
+        seeds = list(self.seeds) if self.seeds else [None]
+        return [Run(mode, seed) for index, seed in enumerate(seeds) for mode in self.parsed_modes()
+                if index == 0 or seeded is None or mode.label in seeded]
 
     def eval_rows(self, task: str) -> int | None:
         return self.eval_limit.get(task) if isinstance(self.eval_limit, dict) else self.eval_limit

@@ -48,7 +48,7 @@ def run_experiment(config: ExperimentConfig, output: Path, axolotl: str,
     train, held_out = output / "data" / "train.jsonl", json.loads((output / "data" / "eval.json").read_text())
     scored = output / "scored"
     steps.run("score", {"model": str(model_dir), "backend": config.backend}, lambda: run_command(
-        curate_command("score", train, "-o", scored, "--model", model_dir, "--backend", config.backend, "--overwrite",
+        curate_command("score", train, "-o", scored, "--model", model_dir, "--backend", config.backend, "--resume",
                        "--quiet"), output / "logs" / "score.log"))
 
     tasks = ",".join(f"{task}={held_out[task]}" if task in held_out else task for task in config.eval_tasks)
@@ -178,12 +178,12 @@ def _export_mode(run: Run, modes: list[Mode], config: ExperimentConfig, model_di
                         "--seed", config.seed]
         steps.run(f"generate/{mode.name}", answer, lambda: run_command(curate_command(
             "generate", output / "data" / "train.jsonl", "-o", generated, "--model", model_dir, "--backend",
-            backend, "--verify", verify, "--max-new-tokens", config.max_new_tokens, "--overwrite", "--quiet",
+            backend, "--verify", verify, "--max-new-tokens", config.max_new_tokens, "--resume", "--quiet",
             *sampling, *(["--rephrase"] if mode.name == "rephrase" else [])), logs / f"generate-{mode.name}.log"))
         steps.run(f"score/{mode.name}", {k: v for k, v in answer.items() if k != "backend"} | {"backend": config.backend},
                   lambda: run_command(curate_command(
                       "score", generated, "-o", generated_scored, "--model", model_dir, "--backend", config.backend,
-                      "--overwrite", "--quiet"), logs / f"score-{mode.name}.log"))
+                      "--resume", "--quiet"), logs / f"score-{mode.name}.log"))
         scored = generated_scored
         options |= {"on_wrong": config.on_wrong}
         export_options = ExportOptions(mode="self-output", on_wrong=config.on_wrong,

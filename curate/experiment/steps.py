@@ -1,7 +1,9 @@
 """Run-once steps: each finished step leaves a done marker `steps/<name>.json` holding its options
 (`curate.files.write_marker`), so a rerun skips it, and refuses, naming the option, a step that
-was finished with other options. Model work runs in subprocesses (`run_command`), so no two
-engines ever share a process."""
+was finished with other options. A step stopped part way is finished, not redone: scoring and
+generating run with `--resume` (which refuses other options), an evaluation resumes by itself; only
+a fine-tune starts again. Model work runs in subprocesses (`run_command`), so no two engines ever
+share a process."""
 
 from __future__ import annotations
 
