@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curate.files import write_atomic
 from curate.settings import SETTINGS
 from curate.tokenize import ChatTokenizer
 
@@ -120,7 +121,7 @@ def evaluate(model_dir: Path, tasks: dict[str, Path], output_dir: Path, engine, 
         score.gold_nll = float(values.mean()) if values.size else None
         score.rejected = rejected
         summary.tasks[name] = score
-    (output_dir / RESULTS).write_text(summary.to_json() + "\n")
+    write_atomic(output_dir / RESULTS, (summary.to_json() + "\n").encode())
     return summary
 
 

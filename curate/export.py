@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate import masking
+from curate.files import lock_file
 from curate.models import tokenizer_fingerprint
 from curate.self_output import SelfOutputChoice, choose_self_output
 from curate.settings import setting
@@ -363,7 +364,7 @@ def _all_maskable_nll(shards: list[Path]) -> np.ndarray:
 class _TrainingWriter:
     """Streams training rows to .parquet or .jsonl, and the dropped rows beside them, all under
     temporary names; `publish` renames the set into place, so a killed export leaves the
-    previous set whole."""
+    previous set whole, and two exports to one file never mix their rows (the second is refused)."""
 
     def __init__(self, output: Path, with_id: bool):
         suffix = output.suffix.lower()
@@ -382,6 +383,12 @@ class _TrainingWriter:
 
     def __enter__(self):
         self.output.parent.mkdir(parents=True, exist_ok=True)
+        # Held on the training file's temporary name until the set is published or discarded: a second
+        # export to the same file is refused instead of writing into this one's files.
+        self.lock = lock_file(self.partial, wait=False)
+        if self.lock is None:
+            raise StoreError(f"{self.output} is being written by another curate export; wait for it to finish, "
+                             "or write to another file")
         schema = TRAIN_SCHEMA if self.with_id else TRAIN_SCHEMA.remove(0)
         self.parquet = pq.ParquetWriter(self.partial, schema, compression="zstd") if self.suffix == ".parquet" else None
         self.jsonl = open(self.partial, "w") if self.suffix == ".jsonl" else None
@@ -412,6 +419,7 @@ class _TrainingWriter:
         self._close()
         if error is not None:
             self.discard()
+        self.lock.close()
 
     def _close(self) -> None:
         for handle in (self.parquet, self.jsonl, self.dropped):

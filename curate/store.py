@@ -11,8 +11,6 @@ discarded and redone, so every input row ends up exactly once, whatever order sh
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -26,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.errors import CurateError
-from curate.files import file_sha256, write_atomic  # noqa: F401  (write_atomic: also the store's API)
+from curate.files import Busy, file_sha256, hold_lock, write_atomic  # noqa: F401  (write_atomic: also the store's API)
 
 # 2: `end_of_turn` per token, `weight` per message, the model's fingerprint in the manifest.
 # 3: per message `trained`, `tool_calls`, `reasoning`, `tool_call_id`, `name`; targets are what the model generates.
@@ -287,25 +285,12 @@ def _refuse_unsafe_start(directory: Path, resume: bool, overwrite: bool) -> None
 
 def _take_lock(directory: Path, probe: bool = False):
     """An exclusive lock on the directory for this process's lifetime: a second writer is refused.
-    `probe`: only see whether another process holds it (the lock file is read, not written)."""
-    handle = open(directory / LOCK, "r" if probe else "a+")
+    `probe`: only see whether another process holds it (its PID is not written)."""
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as error:
-        if error.errno not in (errno.EAGAIN, errno.EACCES):
-            handle.close()
-            raise
-        handle.seek(0)
-        holder = handle.read().strip() or "unknown"
-        handle.close()
-        raise StoreError(f"{directory} is being written by another curate run (PID {holder}); wait for it to "
+        return hold_lock(directory / LOCK, write_pid=not probe)
+    except Busy as busy:
+        raise StoreError(f"{directory} is being written by another curate run (PID {busy.holder}); wait for it to "
                          "finish or stop it, or write to another directory") from None
-    if not probe:
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-    return handle
 
 
 def foreign_files(directory: Path) -> list[str]:

@@ -126,3 +126,14 @@ def run_curate(*args: str, check: bool = True, **kwargs) -> subprocess.Completed
     if check and result.returncode != 0:
         raise AssertionError(f"curate {' '.join(map(str, args))} failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result
+
+
+def flock_holders(path: Path) -> set[int]:
+    """PIDs holding a flock on `path`, read from the kernel's own table (/proc/locks), not from curate."""
+    inode = os.stat(path).st_ino
+    pids = set()
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if fields[1] == "FLOCK" and int(fields[5].split(":")[2]) == inode:
+            pids.add(int(fields[4]))
+    return pids

@@ -1,8 +1,15 @@
 """The experiment config is a typed model: a mistake in the file is one line naming the file and the field."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 import yaml
 
+from conftest import flock_holders, run_curate
 from curate.errors import CurateError
 from curate.experiment import ExperimentConfig, ExperimentError
 from curate.masking import DEFAULT_THRESHOLD
@@ -63,3 +70,25 @@ def test_what_types_cannot_say_is_checked_too(tmp_path):
         _, load = _load(tmp_path, **fields)
         with pytest.raises(ExperimentError, match=named):
             load()
+
+
+def test_a_second_experiment_in_the_same_directory_is_refused_naming_the_first(tmp_path):
+    """Two runs in one directory would train into the same models and mark each other's steps."""
+    path, _ = _load(tmp_path)
+    out, lock = tmp_path / "out", tmp_path / "out" / ".curate.lock"
+    first = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "curate"), "experiment", str(path),
+                              "-o", str(out), "--axolotl", "/bin/false"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while first.poll() is None and time.monotonic() < deadline and not (lock.exists() and first.pid in flock_holders(lock)):
+            pass
+        assert first.poll() is None and lock.exists(), "the first run never took its lock"
+        os.kill(first.pid, signal.SIGSTOP)
+        assert first.pid in flock_holders(lock), "the first run never took its lock"
+        second = run_curate("experiment", path, "-o", out, "--axolotl", "/bin/false", check=False)
+        assert second.returncode == 1
+        assert f"another curate experiment (PID {first.pid}) is running in this directory" in second.stderr
+    finally:
+        first.kill()
+        first.wait()

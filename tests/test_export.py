@@ -1,14 +1,18 @@
 """`curate export`: training files Axolotl reads as they are, with exactly the intended labels."""
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 
 import datasets
 import numpy as np
 import polars as pl
 import pytest
 
-from conftest import run_curate
+from conftest import flock_holders, run_curate
 from curate.export import ExportOptions, dropped_path, export, stats_path
 from curate.store import StoreError
 
@@ -178,3 +182,42 @@ def test_a_scored_set_of_an_older_format_gets_a_clear_error(tmp_path, scored_sam
     (old / "manifest.json").write_text(json.dumps(manifest | {"format": 1}))
     with pytest.raises(StoreError, match="older curate .* score it again"):
         export(old, tmp_path / "t.parquet", ExportOptions(mode="stm"), tokenizer)
+
+
+def _stopped_while_writing(command: list, partial) -> subprocess.Popen | None:
+    """Start `command` and stop it (SIGSTOP) while it holds its lock on `partial`, as the kernel
+    reports it; None if it finished first."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while process.poll() is None:
+        if partial.exists() and process.pid in flock_holders(partial):
+            os.kill(process.pid, signal.SIGSTOP)
+            if partial.exists() and process.pid in flock_holders(partial):
+                return process
+            os.kill(process.pid, signal.SIGCONT)
+    process.wait()
+    return None
+
+
+def test_two_exports_to_one_file_never_mix_the_second_is_refused(tmp_path, scored_sample, tokenizer):
+    reference = tmp_path / "reference.parquet"
+    export(scored_sample, reference, ExportOptions(mode="stm", threshold=2.5), tokenizer)
+    out = tmp_path / "train.parquet"
+    partial = out.with_name(out.name + ".partial")
+    curate = [os.path.join(os.path.dirname(sys.executable), "curate"), "export", str(scored_sample), "-o", str(out)]
+    for _ in range(5):
+        first = _stopped_while_writing(curate + ["--mode", "stm", "--threshold", "2.5"], partial)
+        if first is not None:
+            break
+    assert first is not None, "the first export never held its lock long enough to be stopped"
+    try:
+        second = run_curate(*curate[1:], "--mode", "ground-truth", check=False)
+        assert second.returncode == 1 and "being written by another curate export" in second.stderr
+        assert flock_holders(partial) == {first.pid}
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert first.wait(timeout=120) == 0
+    # What the first export published is its own set, whole: the same rows, labels and stats as alone.
+    assert pl.read_parquet(out).equals(pl.read_parquet(reference))
+    assert json.loads(stats_path(out).read_text())["masked_tokens"] == json.loads(stats_path(reference).read_text())["masked_tokens"]
+    assert dropped_path(out).read_text() == dropped_path(reference).read_text()
+    assert not list(tmp_path.glob("*.partial"))

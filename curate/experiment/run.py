@@ -18,24 +18,36 @@ from curate.experiment.layout import CHOICE, export_path, trained_model
 from curate.experiment.steps import Steps, curate_command, run_command
 from curate.experiment.table import TABLE_JSON, TABLE_MD, build_table, write_table
 from curate.export import ExportOptions
-from curate.files import read_jsonl
+from curate.files import Busy, hold_lock, read_jsonl, write_atomic
 from curate.recipes import prepare_recipe
 
 # The keys in which the rendered recipes of two modes may differ: where the data is, where the model goes,
 # and (with `seeds`) the training seed.
 DATA_KEYS = ("datasets.0.path", "dataset_prepared_path", "output_dir")
 SEED_KEY = "seed"
+LOCK = ".curate.lock"  # held by the one `curate experiment` running in the directory
 
 
 def run_experiment(config: ExperimentConfig, output: Path, axolotl: str,
                    log: Callable[[str], None] = lambda message: None) -> dict:
-    """Run (or finish) the experiment in `output`; returns the table (also in results.json/.md)."""
-    from curate.models import resolve_model
-
+    """Run (or finish) the experiment in `output`; returns the table (also in results.json/.md).
+    One run at a time per directory: a second is refused (two would train into the same models)."""
     output = Path(output).resolve()
     if Path(config.train).is_file() and output in Path(config.train).resolve().parents:
         raise ExperimentError(f"train: {config.train} lies inside the output directory {output}; write elsewhere")
     output.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = hold_lock(output / LOCK)
+    except Busy as busy:
+        raise ExperimentError(f"{output}: another curate experiment (PID {busy.holder}) is running in this directory; "
+                              "wait for it to finish or stop it, or write elsewhere") from None
+    with lock:
+        return _run_steps(config, output, axolotl, log)
+
+
+def _run_steps(config: ExperimentConfig, output: Path, axolotl: str, log: Callable[[str], None]) -> dict:
+    from curate.models import resolve_model
+
     if not (output / CONFIG).exists():  # marks the directory as an experiment's; rewritten once the run is through
         (output / CONFIG).write_text(config.model_dump_json(indent=1) + "\n")
     steps = Steps(output, log)
@@ -304,7 +316,7 @@ def choose_checkpoint(config: ExperimentConfig, output: Path, label: str) -> dic
                                     "gold_nll": json.loads((folder / RESULTS).read_text())["tasks"][config.target]["gold_nll"]}
     chosen = min(results, key=lambda name: results[name]["gold_nll"])
     choice = {"chosen": chosen, "by": f"{config.target} validation gold NLL", "checkpoints": results}
-    (run_dir / CHOICE).write_text(json.dumps(choice, indent=1) + "\n")
+    write_atomic(run_dir / CHOICE, (json.dumps(choice, indent=1) + "\n").encode())
     for checkpoint in checkpoints:
         if checkpoint.name != chosen:
             shutil.rmtree(checkpoint)

@@ -14,6 +14,7 @@ from curate.experiment.config import Run
 from curate.experiment.diagnostics import diagnostics_markdown
 from curate.experiment.layout import CHOICE, arms_of, export_path
 from curate.experiment.steps import step_times
+from curate.files import write_atomic
 
 TABLE_JSON, TABLE_MD = "results.json", "results.md"
 
@@ -114,8 +115,8 @@ def _final_loss(run_dir: Path) -> float | None:
 
 
 def write_table(table: dict, output: Path) -> None:
-    (Path(output) / TABLE_JSON).write_text(json.dumps(table, indent=1) + "\n")
-    (Path(output) / TABLE_MD).write_text(table_markdown(table))
+    write_atomic(Path(output) / TABLE_JSON, (json.dumps(table, indent=1) + "\n").encode())
+    write_atomic(Path(output) / TABLE_MD, table_markdown(table).encode())
 
 
 def table_markdown(table: dict) -> str:
