@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from curate.errors import CurateError
-from curate.files import write_marker
+from curate.files import lock_file, write_marker
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -48,10 +48,21 @@ def bundled_gguf_path() -> Path:
 
 
 def prepare_default_model(target: Path | None = None) -> Path:
-    """De-quantize the bundled GGUF into a float32 safetensors model directory, once."""
+    """De-quantize the bundled GGUF into a float32 safetensors model directory, once. Two processes
+    starting at once take turns (a lock beside the directory): the second finds it ready."""
     target = target or default_model_dir()
     if (target / _READY_MARKER).exists():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with lock_file(target.with_name(f".{target.name}.lock")):
+        if not (target / _READY_MARKER).exists():
+            _dequantize(target)
+    return target
+
+
+def _dequantize(target: Path) -> None:
+    import shutil
+
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
@@ -68,15 +79,13 @@ def prepare_default_model(target: Path | None = None) -> Path:
     model.tie_weights()
 
     partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)  # a killed preparation's leftovers (we hold the lock)
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     write_marker(partial / _READY_MARKER, {"gguf": str(gguf)})
     if target.exists():
-        import shutil
-
         shutil.rmtree(target)
     partial.rename(target)
-    return target
 
 
 def resolve_model(model: str | None) -> Path:

@@ -35,3 +35,22 @@ def test_score_conversations_in_memory_gives_the_rows_score_dataset_writes(sampl
     stored = pl.read_parquet(sorted(scored_sample.glob("part-*.parquet"))).sort("row").head(3)
     assert table["input_ids"].equals(stored["input_ids"]) and table["target"].equals(stored["target"])
     assert (table["logprobs"].explode() - stored["logprobs"].explode()).abs().max() < 1e-4
+
+
+def test_two_processes_preparing_the_bundled_model_at_once_both_get_it_whole(tmp_path, model_dir):
+    """The first run of two commands at once (two shells, `make demo` beside the tests) de-quantizes the
+    bundled model once; neither reads the other's half-written directory."""
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    target = tmp_path / "models" / "SmolLM2"
+    script = f"from pathlib import Path; from curate.models import prepare_default_model; prepare_default_model(Path({str(target)!r}))"
+    runs = [subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for run in runs:
+        assert run.wait(timeout=600) == 0, run.stderr.read()[-3000:]
+    prepared, reference = load_file(target / "model.safetensors"), load_file(model_dir / "model.safetensors")
+    assert prepared.keys() == reference.keys() and all(torch.equal(prepared[k], reference[k]) for k in reference)
+    assert sorted(path.name for path in target.parent.iterdir()) == [".SmolLM2.lock", "SmolLM2"]
