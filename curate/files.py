@@ -1,4 +1,5 @@
-"""Small file helpers every module shares: an atomic write, a file's sha256, and "done" markers.
+"""Small file helpers every module shares: an atomic write, locks (one writer at a time), a
+file's sha256, and "done" markers.
 
 A done marker is a small JSON file written last and atomically: its presence says a piece of
 work finished (a benchmark task pulled, the bundled model prepared, an experiment step, the

@@ -56,8 +56,12 @@ def experiment_section(directory: Path) -> str:
     charts = "\n".join(
         f'<div class="chart">{figure.to_html(full_html=False, include_plotlyjs=False, div_id=chart, default_height="380px")}</div>'
         for chart, figure in zip(CHARTS, (forgetting, changes, nll)))
+    partial = table.get("partial")
+    banner = (f"<p><strong>Partial: {partial['runs_done']} of {partial['runs']} runs trained and evaluated so far"
+              f"</strong> (next: {html.escape(partial['next'])}; <code>curate experiment</code> with the same config and "
+              "output resumes). Arms with fewer seeds than configured show those seeds only.</p>" if partial else "")
     return (f"<section><h2>Experiment {html.escape(str(Path(directory).resolve().name))}: trained for "
-            f"{html.escape(target)}</h2>{_scores_table(table)}{_modes_table(table)}{_arms_table(table)}"
+            f"{html.escape(target)}</h2>{banner}{_scores_table(table)}{_modes_table(table)}{_arms_table(table)}"
             f"{charts}{_diagnostics_table(table)}</section>")
 
 

@@ -218,6 +218,14 @@ def test_seed_aggregation_is_recomputed_from_the_per_example_files(tmp_path):
     assert single["ti"]["sd"] is None and single["ti"]["mean"] == pytest.approx(table["modes"]["stm-tau2.5-seed1"]["ti"])
     shown = table_markdown(table)
     assert f"| ground-truth | {seeds} | TI (gsm8k) |" in shown and "spread across seeds" in shown
+    # A run stopped part way says so, in results.md and in the report, not only in a log.
+    from curate.experiment.table import write_table
+    from curate.report_experiment import experiment_section
+
+    write_table(table, out)
+    assert "Partial" not in experiment_section(out)
+    write_table(table | {"partial": {"runs_done": 2, "runs": 4, "next": "ground-truth-seed2"}}, out)
+    assert "Partial: 2 of 4 runs" in (out / "results.md").read_text() and "Partial: 2 of 4 runs" in experiment_section(out)
 
 
 # ---------------------------------------------------------------- the GSM8K config, pre-registered; a tiny run of its shape
