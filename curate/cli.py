@@ -531,11 +531,12 @@ def preview(input_path, model, limit, system_prompt, train_turns, reasoning, max
 @option("max_length")
 @option("max_new_tokens")
 @option("unsafe_verify")
+@option("shard_rows")
 @click.option("--gold-nll-only", is_flag=True,
               help="Only the gold answers' NLL per token (no generation, no options): cheap, e.g. to pick an epoch.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def eval_command(model, tasks, output, split, limit, engine_choice, max_length, max_new_tokens, unsafe_verify,
-                 gold_nll_only, as_json):
+                 shard_rows, gold_nll_only, as_json):
     """Score MODEL (a model directory, or `default`) on benchmark tasks: generation tasks greedy and
     checked, multiple-choice tasks by log-likelihood, every score with a 95% bootstrap interval.
     A LoRA adapter: merge it first (`axolotl merge-lora CONFIG`) and give the merged directory."""
@@ -555,7 +556,8 @@ def eval_command(model, tasks, output, split, limit, engine_choice, max_length, 
             chat_tokenizer = ChatTokenizer(load_tokenizer(model_dir), max_length=max_length)
             with _engine(engine_choice, model_dir) as engine:
                 summary = evaluate(model_dir, files, output, engine, chat_tokenizer, limit=limit,
-                                   max_new_tokens=max_new_tokens, unsafe_verify=unsafe_verify, gold_nll_only=gold_nll_only)
+                                   max_new_tokens=max_new_tokens, unsafe_verify=unsafe_verify, gold_nll_only=gold_nll_only,
+                                   shard_rows=shard_rows)
     except (StoreError, SandboxUnavailable) as error:
         raise click.ClickException(str(error)) from None
     if as_json:

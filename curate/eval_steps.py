@@ -111,7 +111,7 @@ class GoldNLLStep:
 
 
 def run_scoring_step(step: ChoiceStep | GoldNLLStep, source: Path, directory: Path, executor, model_dir: Path,
-                     chat_tokenizer: ChatTokenizer) -> tuple[pa.Table, int]:
+                     chat_tokenizer: ChatTokenizer, shard_rows: int | None = None) -> tuple[pa.Table, int]:
     """Run `step` over `source` into the shard directory `directory` (resuming it if it is there, and
     refusing it if it was made with another model, tokenizer or input); returns every row's result
     in input order and the number of rejected rows (their reasons are in its rejects.jsonl)."""
@@ -120,7 +120,8 @@ def run_scoring_step(step: ChoiceStep | GoldNLLStep, source: Path, directory: Pa
     kind, schema = ("choices", CHOICE_SCHEMA) if isinstance(step, ChoiceStep) else ("gold-nll", GOLD_SCHEMA)
     meta = {"kind": kind, "input": input_fingerprint(source), "model": executor.model_name,
             "model_fingerprint": model_fingerprint(model_dir), "tokenizer": tokenizer_fingerprint(chat_tokenizer.tokenizer),
-            "targets": chat_tokenizer.options(), "max_length": chat_tokenizer.max_length, "shard_rows": SHARD_ROWS,
+            "targets": chat_tokenizer.options(), "max_length": chat_tokenizer.max_length,
+            "shard_rows": shard_rows or SHARD_ROWS,
             "limit": None}
     check_input(source, Fields())
     resume = (Path(directory) / "manifest.json").exists()

@@ -77,12 +77,13 @@ def task_file(name: str, split: str = "test") -> Path:
 
 def evaluate(model_dir: Path, tasks: dict[str, Path], output_dir: Path, engine, chat_tokenizer: ChatTokenizer,
              limit: int | None = None, max_new_tokens: int = SETTINGS["max_new_tokens"].default,
-             unsafe_verify: bool = False, gold_nll_only: bool = False) -> EvalSummary:
+             unsafe_verify: bool = False, gold_nll_only: bool = False, shard_rows: int | None = None) -> EvalSummary:
     """Evaluate the model in `model_dir` on each task file (`curate benchmarks pull` output), with
     `engine`: an engine in this process, or an executor (`RayExecutor`). Each task runs as a
     resumable pipeline into `output_dir/<task>.choices|.gold|.generated/`; per-example results
     go to `output_dir/<task>.parquet`, the summary to `results.json`.
-    `gold_nll_only`: only the gold answers' NLL (no generation, no options; the score is the NLL)."""
+    `gold_nll_only`: only the gold answers' NLL (no generation, no options; the score is the NLL).
+    `shard_rows`: rows per shard, the unit of resume (None: `eval_steps.SHARD_ROWS`, and generate's own)."""
     from curate.benchmarks import TASKS
     from curate.eval_steps import ChoiceStep, GoldNLLStep, run_scoring_step
     from curate.executors import as_executor
@@ -95,7 +96,8 @@ def evaluate(model_dir: Path, tasks: dict[str, Path], output_dir: Path, engine, 
         source = _limited(path, output_dir / f"{name}.input.jsonl", limit)
 
         def scored(step, suffix, name=name, source=source):
-            return run_scoring_step(step, source, output_dir / f"{name}.{suffix}", executor, model_dir, chat_tokenizer)
+            return run_scoring_step(step, source, output_dir / f"{name}.{suffix}", executor, model_dir, chat_tokenizer,
+                                    shard_rows)
 
         if gold_nll_only:
             gold, rejected = scored(GoldNLLStep(chat_tokenizer), "gold")
@@ -112,7 +114,7 @@ def evaluate(model_dir: Path, tasks: dict[str, Path], output_dir: Path, engine, 
         else:
             rows, rejected = scored(GoldNLLStep(chat_tokenizer), "gold")
             table, score = _generation(source, output_dir / f"{name}.generated", executor, chat_tokenizer, name,
-                                       TASKS[name].checker, max_new_tokens, unsafe_verify)
+                                       TASKS[name].checker, max_new_tokens, unsafe_verify, shard_rows)
         gold_nll = dict(zip(rows.column("id").to_pylist(), rows.column("gold_nll").to_pylist()))
         ids = table.column("id").to_pylist()
         table = table.append_column("gold_nll", pa.array([gold_nll.get(i) for i in ids], pa.float64()))
@@ -141,7 +143,7 @@ def _limited(path: Path, copy: Path, limit: int | None) -> Path:
 
 
 def _generation(source: Path, generated: Path, engine, chat_tokenizer: ChatTokenizer, name: str, checker: str,
-                max_new_tokens: int, unsafe_verify: bool) -> tuple[pa.Table, TaskScore]:
+                max_new_tokens: int, unsafe_verify: bool, shard_rows: int | None) -> tuple[pa.Table, TaskScore]:
     """Greedy answers checked by the task's checker; resumable (the generated directory)."""
     import polars as pl
 
@@ -152,7 +154,7 @@ def _generation(source: Path, generated: Path, engine, chat_tokenizer: ChatToken
 
     # Resuming a finished run only checks that its options (the model among them) are these.
     generate_dataset(source, generated, engine, chat_tokenizer, SamplingOptions(max_new_tokens=max_new_tokens),
-                     checker=checker, run=RunOptions(resume=(generated / "manifest.json").exists()),
+                     checker=checker, run=RunOptions(resume=(generated / "manifest.json").exists(), shard_rows=shard_rows),
                      unsafe_verify=unsafe_verify)
 
     answers = pl.read_parquet([str(generated / s["file"]) for s in read_manifest(generated).shards],

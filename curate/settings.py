@@ -109,7 +109,7 @@ SETTINGS: dict[str, Setting] = {
     # ---- how a run reads its input and commits its output (RunOptions)
     "shard_rows": Setting(
         "Input rows per Parquet shard (the unit of --resume and of work on Ray) [default: 512 for "
-        "score, 128 for generate].",
+        "score, 128 for generate, 256 for eval's scoring and 128 for its answers].",
         None,
         "int",
         minimum=1,

@@ -171,3 +171,48 @@ def test_an_evaluation_resumes_and_loses_no_row(tmp_path, model_dir, hf_engine, 
     other = ChatTokenizer(chat_tokenizer.tokenizer, max_length=chat_tokenizer.max_length, system_prompt="drop")
     with pytest.raises(StoreError, match="system_prompt"):
         evaluate(model_dir, {"arc_easy": source}, out, hf_engine, other)
+
+
+def test_a_killed_evaluation_finishes_with_each_row_once_and_nothing_rescored(tmp_path, model_dir, hf_engine,
+                                                                              chat_tokenizer):
+    """`kill -9` of `curate eval` after its first committed shard; the rerun keeps that shard as it was,
+    scores the rest, and ends with the results of an evaluation that was never stopped."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from curate.store import read_manifest
+
+    source = tmp_path / "arc.jsonl"
+    source.write_text("".join(task_file("arc_easy").read_text().splitlines(keepends=True)[:8]))
+    out = tmp_path / "eval"
+    args = ["eval", str(model_dir), "--tasks", f"arc_easy={source}", "-o", str(out), "--backend", "hf", "--shard-rows", "2"]
+    journal = out / "arc_easy.choices" / "shards.jsonl"
+    killed = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "curate"), *args],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while killed.poll() is None and time.monotonic() < deadline and not (journal.exists() and journal.read_text().strip()):
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait() == -signal.SIGKILL, "the evaluation finished before it could be killed"
+    before = [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
+    assert 1 <= len(before) < 4
+    written = {shard["file"]: (out / "arc_easy.choices" / shard["file"]).stat().st_mtime_ns for shard in before}
+
+    run_curate(*args)
+    shards = read_manifest(out / "arc_easy.choices").shards
+    assert sorted(tuple(s["rows"]) for s in shards) == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    kept = {s["file"]: s for s in shards}
+    for shard in before:  # committed before the kill: kept as written, not scored again
+        assert kept[shard["file"]]["sha256"] == shard["sha256"]
+        assert (out / "arc_easy.choices" / shard["file"]).stat().st_mtime_ns == written[shard["file"]]
+
+    whole = evaluate(model_dir, {"arc_easy": source}, tmp_path / "whole", hf_engine, chat_tokenizer)
+    resumed, reference = pq.read_table(out / "arc_easy.parquet"), pq.read_table(tmp_path / "whole" / "arc_easy.parquet")
+    expected = [json.loads(line)["id"] for line in source.read_text().splitlines()]
+    assert resumed.column("id").to_pylist() == reference.column("id").to_pylist() == expected
+    assert resumed.column("correct").to_pylist() == reference.column("correct").to_pylist()
+    np.testing.assert_allclose(resumed.column("gold_nll").to_numpy(), reference.column("gold_nll").to_numpy(), rtol=1e-4)
+    assert json.loads((out / RESULTS).read_text())["tasks"]["arc_easy"]["score"] == whole.tasks["arc_easy"].score
