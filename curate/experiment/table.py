@@ -192,8 +192,10 @@ def table_markdown(table: dict) -> str:
     if table.get("diagnostics"):
         lines += ["", diagnostics_markdown(table["diagnostics"])]
     if "recipe" in table:
-        lines += ["", f"Every mode trained with `{table['recipe']['recipe']}`; the rendered configs differ only in "
-                  + ", ".join(sorted({k for keys in table["recipe"]["differences"].values() for k in keys})) + "."]
+        differing = sorted({k for keys in table["recipe"]["differences"].values() for k in keys})
+        lines += ["", f"Every mode trained with `{table['recipe']['recipe']}`; " + (
+            f"the rendered configs differ only in {', '.join(differing)}." if differing
+            else "one rendered config so far, nothing to compare yet.")]
     if table.get("times"):
         total = sum(v for v in table["times"].values() if v)
         lines += ["", f"Step times ({total / 60:.1f} minutes in all, as each step last ran; a resumed run "
