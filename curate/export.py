@@ -389,10 +389,15 @@ class _TrainingWriter:
         if self.lock is None:
             raise StoreError(f"{self.output} is being written by another curate export; wait for it to finish, "
                              "or write to another file")
-        schema = TRAIN_SCHEMA if self.with_id else TRAIN_SCHEMA.remove(0)
-        self.parquet = pq.ParquetWriter(self.partial, schema, compression="zstd") if self.suffix == ".parquet" else None
-        self.jsonl = open(self.partial, "w") if self.suffix == ".jsonl" else None
-        self.dropped = open(self.partials[1], "w")
+        self.parquet = self.jsonl = self.dropped = None
+        try:
+            schema = TRAIN_SCHEMA if self.with_id else TRAIN_SCHEMA.remove(0)
+            self.parquet = pq.ParquetWriter(self.partial, schema, compression="zstd") if self.suffix == ".parquet" else None
+            self.jsonl = open(self.partial, "w") if self.suffix == ".jsonl" else None
+            self.dropped = open(self.partials[1], "w")
+        except BaseException:  # __exit__ does not run when __enter__ fails: close what opened, release the lock
+            self.__exit__(None, True, None)
+            raise
         return self
 
     def write(self, table: pa.Table) -> None:
