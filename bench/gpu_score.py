@@ -53,7 +53,7 @@ def build(name: str, device: str, dtype: torch.dtype, tiny: bool):
         config._attn_implementation = "eager"  # soft-capping: as the engine loads Gemma-2
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.eval()
+    return model.to(dtype).eval()  # older transformers take `torch_dtype`, not `dtype`: be sure
 
 
 def flops_per_token(model, length: int) -> float:
@@ -108,6 +108,9 @@ def main() -> None:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     peak = args.peak or next((value for key, value in PEAKS.items() if key in name), None)
+    import transformers
+
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"device {name}, {dtype}, bf16 peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s")
     print(f"{'model':<12} {'rows':<10} {'engine tok/s':>12} {'forward tok/s':>13} {'ratio':>6} {'MFU':>6} {'peak GiB':>8}")
     rng = np.random.default_rng(0)
