@@ -96,6 +96,21 @@ def measure(engine, model, rows: list[list[int]], device: str, repeat: int) -> t
     return seconds, timed(forward, device, repeat)
 
 
+def mask_cost(engine, model, rows: list[list[int]], device: str, repeat: int) -> tuple[float, float, int]:
+    """Why mixed lengths are slower: the bare forward pass over the same padded batches with their
+    attention mask and without one (the padding then attended: wrong values, the causal-only
+    kernel), and the padded token count."""
+    batches = [right_padded([rows[i] for i in batch], device) for batch in engine._batches(rows)]
+
+    def forward(with_mask: bool):
+        with torch.inference_mode():
+            for ids, mask in batches:
+                model(input_ids=ids, attention_mask=mask if with_mask else None, logits_to_keep=0)
+
+    padded = sum(ids.numel() for ids, _ in batches)
+    return timed(lambda: forward(True), device, repeat), timed(lambda: forward(False), device, repeat), padded
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU check that the script runs)")
@@ -128,6 +143,11 @@ def main() -> None:
             mfu = tokens * flops_per_token(model, mean_length) / seconds / peak if peak else float("nan")
             print(f"{model_name:<12} {label:<10} {tokens / seconds:>12,.0f} {tokens / bare:>13,.0f} "
                   f"{bare / seconds:>6.2f} {mfu:>6.1%} {memory:>8.1f}", flush=True)
+            if label == "mixed":
+                masked, unmasked, padded = mask_cost(engine, model, rows, device, args.repeat)
+                print(f"{'':<12} {'':<10} padded tokens {padded / tokens:.2f}x real; bare forward of the padded "
+                      f"batches with their mask {tokens / masked:,.0f} tok/s, without {tokens / unmasked:,.0f} tok/s "
+                      f"({masked / unmasked:.2f}x the time)", flush=True)
         del engine, model
         if device == "cuda":
             torch.cuda.empty_cache()
