@@ -62,7 +62,7 @@ def experiment_section(directory: Path) -> str:
               "output resumes). Arms with fewer seeds than configured show those seeds only.</p>" if partial else "")
     return (f"<section><h2>Experiment {html.escape(str(Path(directory).resolve().name))}: trained for "
             f"{html.escape(target)}</h2>{banner}{_scores_table(table)}{_modes_table(table)}{_arms_table(table)}"
-            f"{charts}{_diagnostics_table(table)}</section>")
+            f"{charts}{_diagnostics_table(table)}{_heldout_table(table)}</section>")
 
 
 def _error_bars(values: list[float], intervals: list) -> dict:
@@ -142,6 +142,27 @@ def _diagnostics_table(table: dict) -> str:
             "whitespace, punctuation, symbols.</p>"
             f'<table id="experiment-masked"><tr><th>training set</th><th>masked</th>{head}<th>most often masked '
             f"(share of its occurrences masked)</th></tr>{''.join(rows)}</table>")
+
+
+def _heldout_table(table: dict) -> str:
+    """The target's held-out gold NLL, split by the base model's token perplexity at τ."""
+    split = table.get("heldout_nll")
+    if not split:
+        return ""
+    base = split["nll"]["base"]
+    rows = []
+    for label, nll in split["nll"].items():
+        cells = "".join("<td>n/a</td>" if nll[k] is None else f"<td>{nll[k]:.3f}" + (
+            "" if label == "base" or not base[k] else f" <small>({(nll[k] - base[k]) / base[k]:+.0%})</small>") + "</td>"
+            for k in ("all", "kept", "surprising"))
+        rows.append(f"<tr><td>{html.escape(label)}</td>{cells}</tr>")
+    share = split["surprising_share"]
+    return (f"<h3>Held-out {html.escape(table['target'])} gold answers, token by token</h3><p>Mean NLL per token over "
+            f"{split['rows']} held-out answers ({split['tokens']:,} tokens), split by the base model's token perplexity "
+            f"at τ = {split['tau']:g}: the tokens STM at τ masks on training rows, and the rest. In brackets: the change "
+            "against the base model.</p>"
+            f'<table id="experiment-heldout"><tr><th>model</th><th>all tokens</th><th>base ppl ≤ τ ({1 - share:.0%})</th>'
+            f"<th>base ppl &gt; τ ({share:.0%})</th></tr>{''.join(rows)}</table>")
 
 
 def _signed(value) -> str:

@@ -1,7 +1,9 @@
 """`curate experiment` end to end, tiny: real model, real ARC-Easy rows, real Axolotl (2 steps), real evals."""
 
 import json
+import math
 
+import numpy as np
 import polars as pl
 import pytest
 import yaml
@@ -320,5 +322,34 @@ def test_the_masked_tokens_are_described_by_kind(gsm8k_experiment):
 def test_the_report_shows_seeds_and_what_was_masked(gsm8k_experiment, tmp_path):
     run_curate("report", gsm8k_experiment, "-o", tmp_path / "report.html")
     page = (tmp_path / "report.html").read_text()
-    for element in ("experiment-seeds", "experiment-masked", "experiment-nll"):
+    for element in ("experiment-seeds", "experiment-masked", "experiment-nll", "experiment-heldout"):
         assert f'id="{element}"' in page
+
+
+def _target_nll(out, label: str) -> tuple[list, np.ndarray]:
+    """Every held-out row's tokens and the NLL of its target tokens, read straight from the Parquet shards."""
+    frame = pl.read_parquet(out / "tokens" / label / "*.parquet").sort("id")
+    nll = [-np.asarray(lp, dtype=np.float64)[np.asarray(t, dtype=bool)] for lp, t in zip(frame["logprobs"], frame["target"])]
+    return frame["input_ids"].to_list(), np.concatenate(nll)
+
+
+def test_the_heldout_gold_nll_is_split_by_the_base_models_token_perplexity(gsm8k_experiment):
+    out = gsm8k_experiment
+    split = json.loads((out / "results.json").read_text())["heldout_nll"]
+    held_out = sorted(pl.read_ndjson(out / "data" / "gsm8k.jsonl")["id"])
+    assert sorted(pl.read_parquet(out / "tokens" / "base" / "*.parquet")["id"]) == held_out  # every row, once
+    tokens, base = _target_nll(out, "base")
+    surprising = base > math.log(2.5)  # STM's rule: token perplexity exp(NLL) above tau = 2.5
+    assert surprising.any() and (~surprising).any() and split["surprising_share"] == pytest.approx(surprising.mean())
+    for label in ("base", "ground-truth-seed1", "stm-tau2.5-seed1", "ground-truth-seed2"):
+        run_tokens, nll = _target_nll(out, label)
+        assert run_tokens == tokens
+        found = split["nll"][label]
+        assert found["all"] == pytest.approx(nll.mean())
+        assert found["surprising"] == pytest.approx(nll[surprising].mean())
+        assert found["kept"] == pytest.approx(nll[~surprising].mean())
+    # Each run's tokens were scored by the checkpoint that was evaluated, not by another model.
+    for label in ("ground-truth-seed1", "stm-tau2.5-seed1"):
+        evaluated = json.loads((out / "steps" / f"eval--{label}.json").read_text())["options"]["model"]
+        assert json.loads((out / "tokens" / label / "manifest.json").read_text())["meta"]["model"] == evaluated
+    assert "base ppl > τ" in (out / "results.md").read_text()

@@ -6,7 +6,8 @@ fine-tuned one, and tables TI, BWT and the absolute changes with their intervals
 - config.py: the typed config (`ExperimentConfig`), its modes and runs;
 - steps.py: run-once steps and their done markers; model work in subprocesses;
 - run.py: the steps in order (`run_experiment`);
-- table.py: the table (results.json, results.md); diagnostics.py: what each masking run masked;
+- table.py: the table (results.json, results.md); diagnostics.py: what each masking run masked,
+  and held-out gold NLL split by the base model's token perplexity;
 - layout.py: where things are in the output directory.
 
 Model work (scoring, generating, evaluating, training) runs the `curate` command line or
@@ -20,6 +21,7 @@ Layout of the output directory:
     configs/<run>.yml    the rendered recipes       models/      fine-tuned models
     evals/<base|run>/    `curate eval` results      results.json, results.md: the table
     validation/<run>/    target-task gold NLL of each epoch's checkpoint (checkpoint: best-validation-nll)
+    tokens/<base|run>/   the target's held-out gold answers scored token by token (a generation target)
 
 A run is a mode trained with one seed: with `seeds`, `<mode>-seed<S>`; without, the mode's label.
 Runs of one mode with several seeds are aggregated in results.md (mean, spread across seeds,

@@ -89,3 +89,67 @@ def diagnostics_markdown(diagnostics: dict) -> str:
 
 def _shown(piece: str) -> str:
     return piece.replace("\n", "\\n").replace("|", "\\|").replace("`", "'") or "(empty)"
+
+
+def heldout_nll_split(base_dir: Path, runs: dict[str, Path], tau: float) -> dict:
+    """The target task's held-out gold answers scored token by token (`curate score`) under the base
+    model and each run: the mean NLL over all their target tokens, over the tokens the base model
+    finds surprising (token perplexity > `tau`: what STM at `tau` would mask) and over the rest.
+    It tells apart a run that learned the easy tokens but not the hard ones from one that learned
+    neither. Rows are matched by id; a run whose tokens differ from the base model's is an error."""
+    import math
+
+    import numpy as np
+
+    from curate.experiment.config import ExperimentError
+
+    base = _target_nll(base_dir)
+    ids = sorted(base)
+    base_nll = np.concatenate([base[i][1] for i in ids]) if ids else np.zeros(0)
+    surprising = base_nll > math.log(tau)
+
+    def means(nll: np.ndarray) -> dict:
+        return {name: float(part.mean()) if part.size else None
+                for name, part in (("all", nll), ("kept", nll[~surprising]), ("surprising", nll[surprising]))}
+
+    out = {"tau": tau, "rows": len(ids), "tokens": int(base_nll.size),
+           "surprising_share": float(surprising.mean()) if ids else 0.0, "nll": {"base": means(base_nll)}}
+    for label, directory in runs.items():
+        found = _target_nll(directory)
+        for i in ids:
+            if i not in found or not np.array_equal(found[i][0], base[i][0]):
+                raise ExperimentError(f"{directory}: row {i} is missing or tokenized differently from {base_dir}")
+        out["nll"][label] = means(np.concatenate([found[i][1] for i in ids]))
+    return out
+
+
+def _target_nll(scored_dir: Path) -> dict:
+    """id -> (the target tokens' ids, their NLL), from a scored directory."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from curate.store import open_scored
+
+    out = {}
+    for shard in open_scored(scored_dir)[1]:
+        for record in pq.read_table(shard, columns=["id", "input_ids", "logprobs", "target"]).to_pylist():
+            target = np.asarray(record["target"], dtype=bool)
+            out[record["id"]] = (np.asarray(record["input_ids"])[target],
+                                 -np.asarray(record["logprobs"], dtype=np.float64)[target])
+    return out
+
+
+def heldout_markdown(split: dict, target: str) -> str:
+    names = {"all": "all tokens", "kept": f"base ppl ≤ τ ({1 - split['surprising_share']:.0%})",
+             "surprising": f"base ppl > τ ({split['surprising_share']:.0%})"}
+    lines = [f"{target}'s held-out gold answers token by token ({split['rows']} rows, {split['tokens']:,} tokens): "
+             f"mean NLL per token (pooled over the answers) over all tokens, over those the base model finds surprising (token perplexity > τ = "
+             f"{split['tau']:g}, what STM at τ masks on training rows) and over the rest; in brackets the change "
+             "against the base model:", "",
+             "| model | " + " | ".join(names.values()) + " |", "|---|---|---|---|"]
+    base = split["nll"]["base"]
+    for label, nll in split["nll"].items():
+        cells = ["n/a" if nll[k] is None else f"{nll[k]:.3f}" + (
+            "" if label == "base" or not base[k] else f" ({(nll[k] - base[k]) / base[k]:+.0%})") for k in names]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

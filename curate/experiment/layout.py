@@ -7,6 +7,7 @@ from pathlib import Path
 
 from curate.experiment.config import Run
 
+TOKENS = "tokens"  # tokens/<base|run>/: the target's held-out gold answers, scored token by token
 CHOICE = "checkpoint.json"  # models/<run>/checkpoint.json: each epoch's validation gold NLL and the chosen one
 
 

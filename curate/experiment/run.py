@@ -13,12 +13,13 @@ from pathlib import Path
 
 from curate.evaluate import RESULTS
 from curate.experiment.config import CONFIG, ExperimentConfig, ExperimentError, Mode, Run
-from curate.experiment.diagnostics import mask_diagnostics
-from curate.experiment.layout import CHOICE, export_path, trained_model
+from curate.experiment.diagnostics import heldout_nll_split, mask_diagnostics
+from curate.experiment.layout import CHOICE, TOKENS, export_path, trained_model
 from curate.experiment.steps import Steps, curate_command, run_command
 from curate.experiment.table import TABLE_JSON, TABLE_MD, build_table, write_table
 from curate.export import ExportOptions
 from curate.files import Busy, hold_lock, read_jsonl, write_atomic
+from curate.masking import DEFAULT_THRESHOLD
 from curate.recipes import prepare_recipe
 
 # The keys in which the rendered recipes of two modes may differ: where the data is, where the model goes,
@@ -67,12 +68,19 @@ def _run_steps(config: ExperimentConfig, output: Path, axolotl: str, log: Callab
     limit = config.eval_limit if not isinstance(config.eval_limit, dict) else None
     eval_options = {"tasks": tasks, "limit": limit, "backend": config.backend, "max_new_tokens": config.max_new_tokens}
 
+    gold_rows = _heldout_gold_rows(config, held_out)
+
     def evaluate(label: str, model: Path) -> None:
         command = curate_command("eval", model, "--tasks", tasks, "-o", output / "evals" / label, "--backend",
                                  config.backend, "--max-new-tokens", config.max_new_tokens,
                                  *(["--limit", limit] if limit else []))
         steps.run(f"eval/{label}", {**eval_options, "model": str(model)},
                   lambda: run_command(command, output / "logs" / f"eval-{label}.log"))
+        if gold_rows:  # the target's held-out gold answers token by token, for `heldout_nll_split`
+            steps.run(f"tokens/{label}", {"rows": str(gold_rows), "model": str(model), "backend": config.backend},
+                      lambda: run_command(curate_command(
+                          "score", gold_rows, "-o", output / TOKENS / label, "--model", model, "--backend",
+                          config.backend, "--resume", "--quiet"), output / "logs" / f"tokens-{label}.log"))
 
     evaluate("base", model_dir)
     exported = set()
@@ -98,9 +106,23 @@ def _run_steps(config: ExperimentConfig, output: Path, axolotl: str, log: Callab
     return table
 
 
+def _heldout_gold_rows(config: ExperimentConfig, held_out: dict) -> Path | None:
+    """The target task's held-out rows, where they hold a gold answer to score (a generation task's;
+    multiple-choice rows have options instead)."""
+    from curate.benchmarks import TASKS
+
+    if config.target not in held_out or (config.target in TASKS and TASKS[config.target].kind == "multiple_choice"):
+        return None
+    return Path(held_out[config.target])
+
+
 def _table(config: ExperimentConfig, output: Path, runs: list[Run], model_dir: Path) -> dict:
     """The table of the runs evaluated so far."""
     table = build_table(output, config.target, runs, diagnostics=masked_by_mode(output, runs, model_dir))
+    if (output / TOKENS / "base").is_dir():
+        tau = next((mode.tau for mode in config.parsed_modes() if mode.tau is not None), DEFAULT_THRESHOLD)
+        scored = {run.label: output / TOKENS / run.label for run in runs if (output / TOKENS / run.label).is_dir()}
+        table["heldout_nll"] = heldout_nll_split(output / TOKENS / "base", scored, tau)
     table["recipe"] = recipe_check(config.recipe, output, [r.label for r in runs])
     table["config"] = {"seeds": config.seeds, "checkpoint": config.checkpoint, "epochs": config.epochs}
     return table

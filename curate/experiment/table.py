@@ -11,7 +11,7 @@ from pathlib import Path
 
 from curate.evaluate import RESULTS, forgetting
 from curate.experiment.config import Run
-from curate.experiment.diagnostics import diagnostics_markdown
+from curate.experiment.diagnostics import diagnostics_markdown, heldout_markdown
 from curate.experiment.layout import CHOICE, arms_of, export_path
 from curate.experiment.steps import step_times
 from curate.files import write_atomic
@@ -191,6 +191,8 @@ def table_markdown(table: dict) -> str:
             lines.append(f"| {label} | {choice['chosen']} | {epoch} | {per} |")
     if table.get("diagnostics"):
         lines += ["", diagnostics_markdown(table["diagnostics"])]
+    if table.get("heldout_nll"):
+        lines += ["", heldout_markdown(table["heldout_nll"], target)]
     if "recipe" in table:
         differing = sorted({k for keys in table["recipe"]["differences"].values() for k in keys})
         lines += ["", f"Every mode trained with `{table['recipe']['recipe']}`; " + (
