@@ -119,7 +119,7 @@ def heldout_nll_split(base_dir: Path, runs: dict[str, Path], tau: float) -> dict
         for i in ids:
             if i not in found or not np.array_equal(found[i][0], base[i][0]):
                 raise ExperimentError(f"{directory}: row {i} is missing or tokenized differently from {base_dir}")
-        out["nll"][label] = means(np.concatenate([found[i][1] for i in ids]))
+        out["nll"][label] = means(np.concatenate([found[i][1] for i in ids]) if ids else np.zeros(0))
     return out
 
 
