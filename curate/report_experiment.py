@@ -146,15 +146,15 @@ def _diagnostics_table(table: dict) -> str:
 
 def _heldout_table(table: dict) -> str:
     """The target's held-out gold NLL, split by the base model's token perplexity at τ."""
+    from curate.experiment.diagnostics import HELDOUT_PARTS, heldout_cell
+
     split = table.get("heldout_nll")
     if not split:
         return ""
-    base = split["nll"]["base"]
     rows = []
-    for label, nll in split["nll"].items():
-        cells = "".join("<td>n/a</td>" if nll[k] is None else f"<td>{nll[k]:.3f}" + (
-            "" if label == "base" or not base[k] else f" <small>({(nll[k] - base[k]) / base[k]:+.0%})</small>") + "</td>"
-            for k in ("all", "kept", "surprising"))
+    for label in split["nll"]:
+        cells = "".join(f"<td>{value}" + (f" <small>({change})</small>" if change else "") + "</td>"
+                        for value, change in (heldout_cell(split, label, part) for part in HELDOUT_PARTS))
         rows.append(f"<tr><td>{html.escape(label)}</td>{cells}</tr>")
     share = split["surprising_share"]
     return (f"<h3>Held-out {html.escape(table['target'])} gold answers, token by token</h3><p>Mean NLL per token over "

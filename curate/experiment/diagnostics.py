@@ -139,17 +139,26 @@ def _target_nll(scored_dir: Path) -> dict:
     return out
 
 
+HELDOUT_PARTS = ("all", "kept", "surprising")
+
+
+def heldout_cell(split: dict, label: str, part: str) -> tuple[str, str]:
+    """One cell of the held-out split: the mean NLL, and its change against the base model ('' for the base)."""
+    value, base = split["nll"][label][part], split["nll"]["base"][part]
+    if value is None:
+        return "n/a", ""
+    return f"{value:.3f}", ("" if label == "base" or not base else f"{(value - base) / base:+.0%}")
+
+
 def heldout_markdown(split: dict, target: str) -> str:
-    names = {"all": "all tokens", "kept": f"base ppl ≤ τ ({1 - split['surprising_share']:.0%})",
-             "surprising": f"base ppl > τ ({split['surprising_share']:.0%})"}
+    share = split["surprising_share"]
     lines = [f"{target}'s held-out gold answers token by token ({split['rows']} rows, {split['tokens']:,} tokens): "
-             f"mean NLL per token (pooled over the answers) over all tokens, over those the base model finds surprising (token perplexity > τ = "
-             f"{split['tau']:g}, what STM at τ masks on training rows) and over the rest; in brackets the change "
-             "against the base model:", "",
-             "| model | " + " | ".join(names.values()) + " |", "|---|---|---|---|"]
-    base = split["nll"]["base"]
-    for label, nll in split["nll"].items():
-        cells = ["n/a" if nll[k] is None else f"{nll[k]:.3f}" + (
-            "" if label == "base" or not base[k] else f" ({(nll[k] - base[k]) / base[k]:+.0%})") for k in names]
+             "mean NLL per token (pooled over the answers) over all tokens, over those the base model finds "
+             f"surprising (token perplexity > τ = {split['tau']:g}, what STM at τ masks on training rows) and over "
+             "the rest; in brackets the change against the base model:", "",
+             f"| model | all tokens | base ppl ≤ τ ({1 - share:.0%}) | base ppl > τ ({share:.0%}) |", "|---|---|---|---|"]
+    for label in split["nll"]:
+        cells = [value + (f" ({change})" if change else "")
+                 for value, change in (heldout_cell(split, label, part) for part in HELDOUT_PARTS)]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
