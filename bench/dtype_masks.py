@@ -14,7 +14,6 @@ wrote it) are compared to float32 in the same way, as one more row.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -25,8 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from curate import masking  # noqa: E402
 from curate.engines.base import EngineSettings  # noqa: E402
 from curate.engines.hf import HFEngine  # noqa: E402
+from curate.store import open_scored  # noqa: E402
 
 TAUS = (1.5, 2.5, 10.0)
 RATIO = 0.2
@@ -35,7 +36,7 @@ RATIO = 0.2
 def read_rows(scored: Path, limit: int) -> list[dict]:
     """id, input_ids, target and the stored logprobs of the first `limit` rows, read from the shards."""
     rows = []
-    for shard in sorted(Path(scored).glob("part-*.parquet")):
+    for shard in open_scored(scored)[1]:
         rows += pq.read_table(shard, columns=["id", "input_ids", "target", "logprobs"]).to_pylist()
     return rows[:limit]
 
@@ -46,18 +47,22 @@ def target_logprobs(rows: list[dict], logprobs: list) -> np.ndarray:
                            for row, lp in zip(rows, logprobs)])
 
 
-def ratio_mask(nll: np.ndarray, ratio: float) -> np.ndarray:
-    """The `ratio` most surprising tokens of the set (ties broken by position)."""
-    count = int(round(ratio * nll.size))
-    mask = np.zeros(nll.size, dtype=bool)
-    mask[np.argsort(-nll, kind="stable")[:count]] = True
-    return mask
+def threshold_mask(logprobs: np.ndarray, tau: float) -> np.ndarray:
+    """What `curate export --mode stm --threshold tau` masks."""
+    return ~masking.threshold_keep(logprobs, np.ones(logprobs.size, dtype=bool), tau)
+
+
+def ratio_mask(logprobs: np.ndarray, ratio: float) -> np.ndarray:
+    """What `curate export --mode stm --mask-ratio ratio` masks of the set (nothing protected)."""
+    everything = np.ones(logprobs.size, dtype=bool)
+    keep, _ = masking.cutoff_keep(logprobs, everything, ~everything, *masking.ratio_cutoff(-logprobs, ratio))
+    return ~keep
 
 
 def compare(reference: np.ndarray, other: np.ndarray) -> str:
     diff = np.abs(other - reference)
-    flips = [np.mean((-reference > math.log(tau)) != (-other > math.log(tau))) for tau in TAUS]
-    a, b = ratio_mask(-reference, RATIO), ratio_mask(-other, RATIO)
+    flips = [np.mean(threshold_mask(reference, tau) != threshold_mask(other, tau)) for tau in TAUS]
+    a, b = ratio_mask(reference, RATIO), ratio_mask(other, RATIO)
     return (f"{diff.mean():>10.2e} {diff.max():>9.2e} " + " ".join(f"{f:>9.3%}" for f in flips)
             + f" {np.sum(a != b) / 2 / a.sum():>11.3%}")
 
@@ -93,7 +98,7 @@ def main() -> None:
     for label, logprobs in scored.items():
         print(f"{label:<40} {compare(reference, logprobs)}")
     print("\ntarget tokens masked in float32: " + ", ".join(
-        f"τ={tau:g} {np.mean(-reference > math.log(tau)):.1%}" for tau in TAUS))
+        f"τ={tau:g} {np.mean(threshold_mask(reference, tau)):.1%}" for tau in TAUS))
 
 
 if __name__ == "__main__":

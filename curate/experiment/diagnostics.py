@@ -97,16 +97,15 @@ def heldout_nll_split(base_dir: Path, runs: dict[str, Path], tau: float) -> dict
     finds surprising (token perplexity > `tau`: what STM at `tau` would mask) and over the rest.
     It tells apart a run that learned the easy tokens but not the hard ones from one that learned
     neither. Rows are matched by id; a run whose tokens differ from the base model's is an error."""
-    import math
-
     import numpy as np
 
     from curate.experiment.config import ExperimentError
+    from curate.masking import threshold_keep
 
     base = _target_nll(base_dir)
     ids = sorted(base)
     base_nll = np.concatenate([base[i][1] for i in ids]) if ids else np.zeros(0)
-    surprising = base_nll > math.log(tau)
+    surprising = ~threshold_keep(-base_nll, np.ones(base_nll.size, dtype=bool), tau)  # STM's own rule
 
     def means(nll: np.ndarray) -> dict:
         return {name: float(part.mean()) if part.size else None
