@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 from curate.experiment import CONFIG, TABLE_JSON
+from curate.experiment.table import SUMMARY_CAPTION, arm_summary, several_seeds
 
 CHARTS = ("experiment-forgetting", "experiment-changes", "experiment-nll")  # element ids, checked by the tests
 
@@ -61,7 +62,7 @@ def experiment_section(directory: Path) -> str:
               f"</strong> (next: {html.escape(partial['next'])}; <code>curate experiment</code> with the same config and "
               "output resumes). Arms with fewer seeds than configured show those seeds only.</p>" if partial else "")
     return (f"<section><h2>Experiment {html.escape(str(Path(directory).resolve().name))}: trained for "
-            f"{html.escape(target)}</h2>{banner}{_scores_table(table)}{_modes_table(table)}{_arms_table(table)}"
+            f"{html.escape(target)}</h2>{banner}{_summary_table(table)}{_scores_table(table)}{_modes_table(table)}{_arms_table(table)}"
             f"{charts}{_diagnostics_table(table)}{_heldout_table(table)}</section>")
 
 
@@ -76,6 +77,17 @@ def _cell(value, interval, number: str) -> str:
         return "<td>n/a</td>"
     low, high = interval
     return f"<td>{number.format(value)} <small>[{number.format(low)}, {number.format(high)}]</small></td>"
+
+
+def _summary_table(table: dict) -> str:
+    """One row per arm: the outcome as README states it (`arm_summary`)."""
+    if not table.get("arms"):
+        return ""
+    header, rows = arm_summary(table)
+    head = "".join(f"<th>{html.escape(name)}</th>" for name in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows)
+    return (f'<h3>Outcome per arm</h3><p>{html.escape(SUMMARY_CAPTION)}</p>'
+            f'<table id="experiment-summary"><tr>{head}</tr>{body}</table>')
 
 
 def _scores_table(table: dict) -> str:
@@ -104,7 +116,7 @@ def _modes_table(table: dict) -> str:
 
 def _arms_table(table: dict) -> str:
     """Per mode trained with several seeds: mean over seeds, spread (sd) across them, bootstrap interval."""
-    if not table.get("arms"):
+    if not several_seeds(table):
         return ""
     names = {"ti": f"TI ({table['target']})", "bwt": "BWT", "ti_nll": "TI gold NLL", "bwt_nll": "BWT gold NLL"}
     rows = []

@@ -220,12 +220,22 @@ def test_seed_aggregation_is_recomputed_from_the_per_example_files(tmp_path):
     assert single["ti"]["sd"] is None and single["ti"]["mean"] == pytest.approx(table["modes"]["stm-tau2.5-seed1"]["ti"])
     shown = table_markdown(table)
     assert f"| ground-truth | {seeds} | TI (gsm8k) |" in shown and "spread across seeds" in shown
+    # The one-row-per-arm outcome (README's table) carries the same numbers, recomputed here.
+    bwt_nll = [np.mean([(mean(label, t, "gold_nll") - mean("base", t, "gold_nll")) / mean("base", t, "gold_nll")
+                        for t in ("piqa", "sciq")]) for label in labels]
+    row = next(line for line in shown.splitlines() if line.startswith("| ground-truth | 3 | 10 |"))
+    cell = row.split(" | ")[-1]
+    assert cell.startswith(f"{np.mean(bwt_nll):+.1%} (sd {np.std(bwt_nll, ddof=1):.1%}: ")
+    assert ", ".join(f"{v:+.1%}" for v in bwt_nll) in cell
+    single_row = next(line for line in shown.splitlines() if line.startswith("| stm-tau2.5 | 1 |"))
+    assert "sd" not in single_row and f"{table['modes']['stm-tau2.5-seed1']['bwt']:+.1%} [" in single_row
     # A run stopped part way says so, in results.md and in the report, not only in a log.
     from curate.experiment.table import write_table
     from curate.report_experiment import experiment_section
 
     write_table(table, out)
-    assert "Partial" not in experiment_section(out)
+    section = experiment_section(out)
+    assert "Partial" not in section and 'id="experiment-summary"' in section and 'id="experiment-seeds"' in section
     write_table(table | {"partial": {"runs_done": 2, "runs": 4, "next": "ground-truth-seed2"}}, out)
     assert "Partial: 2 of 4 runs" in (out / "results.md").read_text() and "Partial: 2 of 4 runs" in experiment_section(out)
 

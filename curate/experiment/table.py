@@ -51,9 +51,7 @@ def build_table(output: Path, target: str, runs: list[Run], diagnostics: dict | 
                         "checkpoint": _checkpoint_choice(output / "models" / label)}
     tasks = list(scores["base"])
     table = {"target": target, "tasks": tasks, "scores": scores, "modes": modes, "times": step_times(output)}
-    arms = arms_of(runs)
-    if any(len(members) > 1 for members in arms.values()):
-        table["arms"] = {arm: seed_aggregate(output, target, members, modes) for arm, members in arms.items()}
+    table["arms"] = {arm: seed_aggregate(output, target, members, modes) for arm, members in arms_of(runs).items()}
     if diagnostics:
         table["diagnostics"] = diagnostics
     return table
@@ -82,6 +80,43 @@ def seed_aggregate(output: Path, target: str, labels: list[str], modes: dict) ->
                            "per_seed": [modes[label][key][task]["change"] for label in labels]}
                     for task, (change, interval) in by_metric[metric].absolute.items()}
     return out
+
+
+def several_seeds(table: dict) -> bool:
+    return any(len(row["runs"]) > 1 for row in (table.get("arms") or {}).values())
+
+
+SUMMARY_CAPTION = ("Per arm, against the base model: with several seeds, the mean over seeds (the spread across "
+                   "seeds as sd, then each seed's value) and the 95% paired bootstrap interval of that mean; with "
+                   "one seed, its value and interval. Δ is the absolute change of the target's score; the others "
+                   "are relative changes (TI on the target, BWT the mean over the other tasks).")
+
+
+def arm_summary(table: dict) -> tuple[list[str], list[list[str]]]:
+    """One row per arm (mode over its seeds), as README and the report show the outcome: the
+    examples it trained, its masked share, the target's score and gold NLL, and forgetting in
+    accuracy and in gold NLL; each cell the mean, spread and interval of `seed_aggregate`."""
+    target = table["target"]
+    header = ["arm", "seeds", "trained examples", "masked", f"Δ {target} score", f"TI gold NLL ({target})",
+              "BWT (score)", "BWT gold NLL"]
+    rows = []
+    for arm, row in table["arms"].items():
+        runs = [table["modes"][label] for label in row["runs"]]
+        examples = sorted({run["examples"] for run in runs})
+        masked = sum(run["masked_ratio"] for run in runs) / len(runs)
+        absolute = row["absolute"][target]
+        rows.append([arm, str(len(runs)), "/".join(map(str, examples)), f"{masked:.1%}",
+                     _summary_cell(absolute, lambda v: f"{v:+.3f}"), _summary_cell(row["ti_nll"], _percent),
+                     _summary_cell(row["bwt"], _percent), _summary_cell(row["bwt_nll"], _percent)])
+    return header, rows
+
+
+def _summary_cell(cell: dict, number: Callable[[float], str]) -> str:
+    shown = "n/a" if cell["mean"] is None or not math.isfinite(cell["mean"]) else number(cell["mean"])
+    if len(cell["per_seed"]) > 1:
+        spread = "n/a" if cell["sd"] is None else number(cell["sd"]).lstrip("+")
+        shown += f" (sd {spread}: {', '.join(number(v) for v in cell['per_seed'])})"
+    return f"{shown} {_interval(cell['interval'], number)}"
 
 
 def _sd(values: list[float]) -> float | None:
@@ -127,6 +162,11 @@ def table_markdown(table: dict) -> str:
         partial = table["partial"]
         lines += [f"**Partial: {partial['runs_done']} of {partial['runs']} runs trained and evaluated so far** (next: "
                   f"{partial['next']}; `curate experiment` with the same config and output resumes).", ""]
+    if table.get("arms"):
+        header, rows = arm_summary(table)
+        lines += [SUMMARY_CAPTION, "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        lines += ["", "Every run and task:", ""]
     lines += ["| model | " + " | ".join(named) + " |", "|---|" + "---|" * len(tasks)]
     for label, scores in table["scores"].items():
         lines.append(f"| {label} | " + " | ".join(_with_interval(scores[t]["score"], scores[t]["interval"], "{:.3f}")
@@ -154,7 +194,7 @@ def table_markdown(table: dict) -> str:
             lines.append(f"| {label} | {_with_interval(row['ti_nll'], row['ti_nll_interval'], '{:+.1%}')} | "
                          f"{_with_interval(row['bwt_nll'], row['bwt_nll_interval'], '{:+.1%}')} | "
                          + " | ".join(changes) + " |")
-    if table.get("arms"):
+    if several_seeds(table):
         lines += ["", "Over seeds: the mean over seeds, the spread (sample standard deviation across seeds, "
                   "each seed's value after it), and the 95% bootstrap interval of the mean over examples:", "",
                   "| mode | seeds | metric | mean | spread across seeds (sd) | per seed | 95% bootstrap interval |",
