@@ -98,7 +98,8 @@ demo: setup sandbox
 finetune: setup axolotl
 	test -f $(DATA) || $(MAKE) demo
 	$(BIN)/curate check-recipe $(RECIPE) --data $(DATA) -o $(FT_CONFIG)
-	PATH="$(abspath $(AXOLOTL))/bin:$$PATH" axolotl train $(FT_CONFIG)
+	env $$($(BIN)/python -c 'from curate.recipes import training_env as t; print(*(f"{k}={v}" for k, v in t().items()))') \
+		PATH="$(abspath $(AXOLOTL))/bin:$$PATH" axolotl train $(FT_CONFIG)
 	@$(BIN)/python -c 'import sys; from curate.recipes import usage_after_training as u; print(u(sys.argv[1]))' $(FT_CONFIG)
 
 # The study's comparison, small and real: score, export, fine-tune and evaluate each mode (ground truth, STM at

@@ -120,6 +120,19 @@ def prepare_recipe(
     return output
 
 
+def training_env(environ: dict | None = None) -> dict[str, str]:
+    """What `axolotl train` needs added to its environment here. It runs through `accelerate launch`,
+    which sets OMP_NUM_THREADS=1 when the variable is unset (and `--cpu` is not given), so a fine-tune
+    on a machine without a GPU used one core: 1.9x slower on 2 cores (`bench/train_threads.py`).
+    Without a GPU (no `nvidia-smi`) and with the variable unset, it becomes the usable cores."""
+    import shutil
+
+    environ = os.environ if environ is None else environ
+    if "OMP_NUM_THREADS" in environ or shutil.which("nvidia-smi", path=environ.get("PATH")):
+        return {}
+    return {"OMP_NUM_THREADS": str(len(os.sched_getaffinity(0)))}
+
+
 def usage_after_training(config: Path, axolotl: str = ".venv-axolotl/bin/axolotl") -> str:
     """What `make finetune` prints once `axolotl train CONFIG` is done: where the trained
     weights are, and how to evaluate them with curate. A LoRA adapter is merged into its

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import ROOT, run_curate
 from curate.export import ExportOptions, export
-from curate.recipes import RecipeError, prepare_recipe, usage_after_training
+from curate.recipes import RecipeError, prepare_recipe, training_env, usage_after_training
 
 AXOLOTL_BIN = ROOT / ".venv-axolotl" / "bin"
 CPU_RECIPE = ROOT / "recipes" / "axolotl" / "smollm2-135m-instruct.yml"
@@ -139,3 +139,25 @@ def test_axolotl_trains_on_the_stm_export_on_cpu(tmp_path, stm_export, sample_pa
         run_curate("score", few, "-o", tmp_path / "rescored", "--model", output_dir, "--backend", "hf", "--json").stdout
     )
     assert summary["rows_scored"] == 6 and math.isfinite(summary["token_ppl"])
+
+
+def test_a_fine_tune_without_a_gpu_trains_on_every_core_not_the_launchers_one(tmp_path):
+    """`axolotl train` runs `accelerate launch`, which gives the training process one thread when
+    OMP_NUM_THREADS is unset; with `training_env` (what `curate experiment` and `make finetune` add)
+    it gets the usable cores. The real launcher from Axolotl's environment, a script reporting torch's threads."""
+    import os
+
+    script = tmp_path / "threads.py"
+    script.write_text("import torch\nprint('threads', torch.get_num_threads())\n")
+    environ = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    environ |= AXOLOTL_ENV | {"PATH": f"{AXOLOTL_BIN}:{environ['PATH']}"}
+
+    def threads(env: dict) -> int:
+        result = subprocess.run([str(AXOLOTL_BIN / "accelerate"), "launch", str(script)], env=env, cwd=tmp_path,
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return int(next(line for line in result.stdout.splitlines() if line.startswith("threads")).split()[1])
+
+    assert threads(environ) == 1  # the launcher's own default, which cost CPU fine-tunes half their speed on 2 cores
+    assert threads(environ | training_env(environ)) == len(os.sched_getaffinity(0))
+    assert training_env(environ | {"OMP_NUM_THREADS": "3"}) == {}  # the user's setting wins

@@ -20,7 +20,7 @@ from curate.experiment.table import TABLE_JSON, TABLE_MD, build_table, write_tab
 from curate.export import ExportOptions
 from curate.files import Busy, hold_lock, read_jsonl, write_atomic
 from curate.masking import DEFAULT_THRESHOLD
-from curate.recipes import prepare_recipe
+from curate.recipes import prepare_recipe, training_env
 
 # The keys in which the rendered recipes of two modes may differ: where the data is, where the model goes,
 # and (with `seeds`) the training seed.
@@ -280,7 +280,8 @@ def _finetune_mode(run: Run, config: ExperimentConfig, model_dir: Path, output: 
                "data": str(data)}
     if config.seeds or config.epochs or config.checkpoint != "last":
         options |= {"seed": run.seed, "epochs": config.epochs, "checkpoint": config.checkpoint}
-    env = {"PATH": f"{Path(axolotl).parent}{os.pathsep}{os.environ.get('PATH', '')}"} if os.sep in axolotl else {}
+    env = training_env() | ({"PATH": f"{Path(axolotl).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+                            if os.sep in axolotl else {})
     keep_checkpoints = config.checkpoint == "best-validation-nll"
 
     def train() -> None:
