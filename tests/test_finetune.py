@@ -153,8 +153,13 @@ def test_a_fine_tune_without_a_gpu_trains_on_every_core_not_the_launchers_one(tm
     environ |= AXOLOTL_ENV | {"PATH": f"{AXOLOTL_BIN}:{environ['PATH']}"}
 
     def threads(env: dict) -> int:
-        result = subprocess.run([str(AXOLOTL_BIN / "accelerate"), "launch", str(script)], env=env, cwd=tmp_path,
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            [str(AXOLOTL_BIN / "accelerate"), "launch", str(script)],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+        )
         assert result.returncode == 0, result.stderr[-2000:]
         return int(next(line for line in result.stdout.splitlines() if line.startswith("threads")).split()[1])
 
